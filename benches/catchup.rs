@@ -1,0 +1,4 @@
+//! Benchmarks (issue: catch-up, producer, freshness); see README.
+fn main() {
+    println!("benchmarks are not written yet");
+}

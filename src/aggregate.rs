@@ -1,0 +1,286 @@
+//! The pure statistics fold: per month/year count, sum, first and last date,
+//! and the duplicate rule of the assignment (a report whose date is <= the
+//! last date recorded for its month/year is a retry and is dropped). No I/O:
+//! the state module persists what this computes.
+
+use std::collections::BTreeMap;
+
+use chrono::{Datelike, NaiveDate};
+
+use crate::report::ValidReport;
+
+/// A month of a year. Orders by month first, then year: the order of the
+/// published JSON (months in calendar order, years ascending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MonthYear {
+    /// 1 = January.
+    pub month: u32,
+    pub year: i32,
+}
+
+impl MonthYear {
+    pub fn of(date: NaiveDate) -> Self {
+        MonthYear {
+            month: date.month(),
+            year: date.year(),
+        }
+    }
+}
+
+/// Statistics of one month/year.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MonthStats {
+    pub count: u64,
+    /// Sum of degrees; `avg` is derived, never stored.
+    pub sum: f64,
+    pub start: NaiveDate,
+    pub end: NaiveDate,
+}
+
+impl MonthStats {
+    pub fn avg(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
+/// All statistics of one partition.
+pub type Aggregates = BTreeMap<MonthYear, MonthStats>;
+
+/// What the fold did with one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Counted,
+    /// Dropped by the date rule.
+    Duplicate,
+}
+
+/// Folds one report into `stats` (None: the month/year's first report).
+/// Returns the new statistics, or None for a duplicate.
+pub fn fold(stats: Option<&MonthStats>, report: &ValidReport) -> Option<MonthStats> {
+    match stats {
+        None => Some(MonthStats {
+            count: 1,
+            sum: report.degrees,
+            start: report.date,
+            end: report.date,
+        }),
+        Some(s) if report.date <= s.end => None,
+        Some(s) => Some(MonthStats {
+            count: s.count + 1,
+            sum: s.sum + report.degrees,
+            start: s.start,
+            end: report.date,
+        }),
+    }
+}
+
+/// One batch's changes on top of committed aggregates: reads see the batch's
+/// own earlier reports, and only touched month/years are kept, so that the
+/// commit writes just those.
+pub struct BatchFold<'a> {
+    committed: &'a Aggregates,
+    touched: BTreeMap<MonthYear, MonthStats>,
+    pub counted: u64,
+    pub duplicates: u64,
+}
+
+impl<'a> BatchFold<'a> {
+    pub fn new(committed: &'a Aggregates) -> Self {
+        BatchFold {
+            committed,
+            touched: BTreeMap::new(),
+            counted: 0,
+            duplicates: 0,
+        }
+    }
+
+    /// The statistics a report for `key` would be folded into.
+    pub fn current(&self, key: MonthYear) -> Option<&MonthStats> {
+        self.touched.get(&key).or_else(|| self.committed.get(&key))
+    }
+
+    pub fn add(&mut self, report: &ValidReport) -> Outcome {
+        let key = MonthYear::of(report.date);
+        let current = self.touched.get(&key).or_else(|| self.committed.get(&key));
+        match fold(current, report) {
+            Some(next) => {
+                self.touched.insert(key, next);
+                self.counted += 1;
+                Outcome::Counted
+            }
+            None => {
+                self.duplicates += 1;
+                Outcome::Duplicate
+            }
+        }
+    }
+
+    /// The month/years this batch changed, with their new statistics.
+    pub fn into_touched(self) -> BTreeMap<MonthYear, MonthStats> {
+        self.touched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(y: i32, m: u32, d: u32, degrees: f64) -> ValidReport {
+        ValidReport {
+            date: NaiveDate::from_ymd_opt(y, m, d).unwrap(),
+            degrees,
+        }
+    }
+
+    fn run(reports: &[ValidReport]) -> (Aggregates, u64) {
+        let committed = Aggregates::new();
+        let mut batch = BatchFold::new(&committed);
+        for report in reports {
+            batch.add(report);
+        }
+        let dups = batch.duplicates;
+        (batch.into_touched(), dups)
+    }
+
+    #[test]
+    fn duplicate_of_the_very_first_report_is_dropped() {
+        let (agg, dups) = run(&[r(1990, 1, 1, 20.0), r(1990, 1, 1, 1e6)]);
+        let jan = agg[&MonthYear {
+            month: 1,
+            year: 1990,
+        }];
+        assert_eq!((jan.count, jan.sum, dups), (1, 20.0, 1));
+        assert_eq!(jan.start, jan.end);
+    }
+
+    #[test]
+    fn duplicate_at_a_month_boundary_stays_in_its_month() {
+        let (agg, dups) = run(&[
+            r(1990, 1, 30, 10.0),
+            r(1990, 1, 31, 11.0),
+            r(1990, 1, 31, 1e6),
+            r(1990, 2, 1, 12.0),
+            r(1990, 2, 1, 1e6),
+        ]);
+        assert_eq!(dups, 2);
+        let jan = agg[&MonthYear {
+            month: 1,
+            year: 1990,
+        }];
+        let feb = agg[&MonthYear {
+            month: 2,
+            year: 1990,
+        }];
+        assert_eq!((jan.count, jan.sum), (2, 21.0));
+        assert_eq!(jan.end, NaiveDate::from_ymd_opt(1990, 1, 31).unwrap());
+        assert_eq!((feb.count, feb.sum), (1, 12.0));
+    }
+
+    #[test]
+    fn first_day_of_a_year_opens_a_new_year() {
+        let (agg, _) = run(&[r(1990, 12, 31, 5.0), r(1991, 1, 1, 6.0), r(1990, 1, 1, 7.0)]);
+        assert_eq!(
+            agg[&MonthYear {
+                month: 12,
+                year: 1990
+            }]
+                .count,
+            1
+        );
+        assert_eq!(
+            agg[&MonthYear {
+                month: 1,
+                year: 1991
+            }]
+                .count,
+            1
+        );
+        // An earlier year's month is its own bucket, not a duplicate.
+        assert_eq!(
+            agg[&MonthYear {
+                month: 1,
+                year: 1990
+            }]
+                .count,
+            1
+        );
+    }
+
+    #[test]
+    fn leap_day_is_counted_once() {
+        let (agg, dups) = run(&[
+            r(1992, 2, 28, 1.0),
+            r(1992, 2, 29, 2.0),
+            r(1992, 2, 29, 1e6),
+            r(1992, 3, 1, 3.0),
+        ]);
+        let feb = agg[&MonthYear {
+            month: 2,
+            year: 1992,
+        }];
+        assert_eq!((feb.count, feb.sum, dups), (2, 3.0, 1));
+        assert_eq!(feb.end, NaiveDate::from_ymd_opt(1992, 2, 29).unwrap());
+        assert_eq!(feb.avg(), 1.5);
+    }
+
+    #[test]
+    fn batch_reads_committed_state() {
+        let mut committed = Aggregates::new();
+        committed.insert(
+            MonthYear {
+                month: 3,
+                year: 2000,
+            },
+            MonthStats {
+                count: 2,
+                sum: 10.0,
+                start: NaiveDate::from_ymd_opt(2000, 3, 1).unwrap(),
+                end: NaiveDate::from_ymd_opt(2000, 3, 2).unwrap(),
+            },
+        );
+        let mut batch = BatchFold::new(&committed);
+        assert_eq!(batch.add(&r(2000, 3, 2, 1e6)), Outcome::Duplicate);
+        assert_eq!(batch.add(&r(2000, 3, 3, 5.0)), Outcome::Counted);
+        let touched = batch.into_touched();
+        assert_eq!(touched.len(), 1);
+        let march = touched[&MonthYear {
+            month: 3,
+            year: 2000,
+        }];
+        assert_eq!((march.count, march.sum), (3, 15.0));
+        assert_eq!(march.start, NaiveDate::from_ymd_opt(2000, 3, 1).unwrap());
+    }
+
+    #[test]
+    fn json_order_is_months_then_years() {
+        let mut keys = [
+            MonthYear {
+                month: 4,
+                year: 1990,
+            },
+            MonthYear {
+                month: 1,
+                year: 1991,
+            },
+            MonthYear {
+                month: 1,
+                year: 1990,
+            },
+        ];
+        keys.sort();
+        assert_eq!(
+            keys[0],
+            MonthYear {
+                month: 1,
+                year: 1990
+            }
+        );
+        assert_eq!(
+            keys[2],
+            MonthYear {
+                month: 4,
+                year: 1990
+            }
+        );
+    }
+}

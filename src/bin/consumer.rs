@@ -1,0 +1,143 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
+use weatherstream::kafka::{PartitionId, BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
+use weatherstream::{cli, shutdown::Shutdown, tools};
+
+/// Keeps exactly-once month/year statistics of the given partitions and
+/// publishes them as partition-N.json (and month.svg) in the files folder.
+///
+/// State (statistics and offsets) lives in one sled database per partition
+/// under the state folder; any split of partitions over processes works.
+#[derive(Parser)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct Folders {
+    /// Folder of partition-N.json and month.svg
+    #[arg(
+        long = "files",
+        env = "FILES_DIR",
+        default_value = "files",
+        global = true
+    )]
+    files_dir: PathBuf,
+    /// Folder of the sled state [default: <files>/state]
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+}
+
+impl Folders {
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.files_dir.join("state"))
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Partitions to consume, e.g. `0 2`
+    #[arg(required = true, value_name = "PARTITION")]
+    partitions: Vec<PartitionId>,
+    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
+    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
+    bootstrap_servers: String,
+    /// Topic to read
+    #[arg(long, default_value = DEFAULT_TOPIC)]
+    topic: String,
+    #[command(flatten)]
+    folders: Folders,
+    /// Most reports committed in one transaction
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_batch: u64,
+    /// Longest a batch collects reports, milliseconds
+    #[arg(long, default_value_t = 100)]
+    batch_timeout_ms: u64,
+    /// No progress lines
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Rebuild partition-N.json and month.svg from the state, without Kafka
+    Export {
+        /// Partitions to export [default: every partition in the state folder]
+        #[arg(value_name = "PARTITION")]
+        partitions: Vec<PartitionId>,
+        #[command(flatten)]
+        folders: Folders,
+    },
+    /// Show what the state holds, per partition
+    InspectState {
+        /// Partitions to show [default: every partition in the state folder]
+        #[arg(value_name = "PARTITION")]
+        partitions: Vec<PartitionId>,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        folders: Folders,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging();
+    let result = match cli.command {
+        None => run(cli.run),
+        Some(Command::Export {
+            partitions,
+            folders,
+        }) => tools::export(&folders.files_dir, &folders.state_dir(), &partitions),
+        Some(Command::InspectState {
+            partitions,
+            json,
+            folders,
+        }) => tools::inspect_state(
+            &folders.files_dir,
+            &folders.state_dir(),
+            &partitions,
+            json,
+            &mut std::io::stdout().lock(),
+        ),
+    };
+    cli::finish("consumer", result)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if let Err(message) = check_partition_list(&args.partitions) {
+        clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("{message}\n"),
+        )
+        .exit();
+    }
+    let mut config = ConsumerConfig::new(
+        args.bootstrap_servers,
+        args.topic,
+        args.folders.files_dir.clone(),
+        args.folders.state_dir(),
+        args.partitions,
+    );
+    config.max_batch = args.max_batch as usize;
+    config.batch_timeout_ms = args.batch_timeout_ms;
+    if args.quiet {
+        config.progress_interval = None;
+    }
+    let shutdown = Shutdown::install()?;
+    consumer::run(&config, &shutdown)
+}

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("demo: not implemented yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,67 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use weatherstream::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
+use weatherstream::producer::{self, ProducerConfig};
+use weatherstream::{cli, shutdown::Shutdown};
+
+/// Generates daily weather reports and writes them to a Kafka topic.
+///
+/// On start the topic is deleted (if present) and created afresh, as the
+/// original assignment asks. Keys are month names, values `Report` protobufs.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
+    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
+    bootstrap_servers: String,
+    /// Topic to (re-)create and write
+    #[arg(long, default_value = DEFAULT_TOPIC)]
+    topic: String,
+    /// Partitions of the created topic
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    partitions: i32,
+    /// Replication factor of the created topic
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
+    replication_factor: i32,
+    /// Seconds between two reports (one simulated day per 0.1 s by default); 0 = as fast as possible
+    #[arg(long, default_value_t = 0.1, value_parser = parse_delay)]
+    delay: f64,
+    /// Stop after this many days (duplicates not counted) once all are delivered; default: forever
+    #[arg(long)]
+    days: Option<u64>,
+    /// Seed for a reproducible stream; default: random
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn parse_delay(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if value.is_finite() && (0.0..=3600.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err("must be between 0 and 3600 seconds".into())
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging();
+    let config = ProducerConfig {
+        bootstrap_servers: args.bootstrap_servers,
+        topic: args.topic,
+        partitions: args.partitions,
+        replication_factor: args.replication_factor,
+        delay: Duration::from_secs_f64(args.delay),
+        days: args.days,
+        seed: args.seed,
+        recreate_topic: true,
+    };
+    let result = Shutdown::install()
+        .map_err(anyhow::Error::from)
+        .and_then(|shutdown| producer::run(&config, &shutdown).map(|_| ()));
+    cli::finish("producer", result)
+}

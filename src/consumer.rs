@@ -1,0 +1,845 @@
+//! The consumer: one worker thread per assigned partition, each reading its
+//! partition with manual assignment from the offset stored in that
+//! partition's sled state, folding each batch and committing statistics and
+//! next offset in one transaction, then handing the committed snapshot to
+//! the exporter. Kafka's consumer-group offsets are never used: the offset
+//! lives with the state it describes, which is what makes a restart after
+//! `kill -9` count every report exactly once.
+//!
+//! A stored offset may point into a different topic after the producer
+//! deleted and re-created it. Each commit stores a fingerprint of the last
+//! record; the worker checks it (and an older, already verified anchor)
+//! against the topic at start-up, periodically, and whenever something looks
+//! off (offset out of range, unknown partition, a report older than the
+//! statistics). A missing or different record means re-creation: the
+//! partition's state is reset and the new topic is read from offset 0.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use crossbeam_channel::Sender;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::TopicPartitionList;
+
+use crate::aggregate::{Aggregates, BatchFold, MonthYear};
+use crate::export::{self, partition_file, Exporter};
+use crate::kafka::{client_config, Offset, PartitionId, TopicAdmin};
+use crate::report;
+use crate::shutdown::Shutdown;
+use crate::state::{BatchCommit, Fingerprint, PartitionState, Snapshot};
+
+/// What `consumer` is asked to do.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub files_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub partitions: Vec<PartitionId>,
+    /// Most reports in one batch (one transaction).
+    pub max_batch: usize,
+    /// Longest a batch keeps collecting once it has a report.
+    pub batch_timeout_ms: u64,
+    /// How often a running worker re-checks that its topic was not re-created.
+    pub verify_interval: Duration,
+    /// Progress lines every this often; None: quiet.
+    pub progress_interval: Option<Duration>,
+    /// Re-render month.svg after publishing.
+    pub render_chart: bool,
+}
+
+impl ConsumerConfig {
+    /// Defaults for everything but the connection, folders and partitions.
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        topic: impl Into<String>,
+        files_dir: PathBuf,
+        state_dir: PathBuf,
+        partitions: Vec<PartitionId>,
+    ) -> Self {
+        ConsumerConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            topic: topic.into(),
+            files_dir,
+            state_dir,
+            partitions,
+            max_batch: 10_000,
+            batch_timeout_ms: 100,
+            verify_interval: Duration::from_secs(3),
+            progress_interval: Some(Duration::from_secs(10)),
+            render_chart: true,
+        }
+    }
+}
+
+/// Live counters of one worker, read by the progress reporter.
+#[derive(Debug)]
+pub struct Progress {
+    pub partition: PartitionId,
+    pub next_offset: AtomicI64,
+    pub counted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub malformed: AtomicU64,
+    /// High watermark minus next offset; -1 when the broker has not said.
+    pub lag: AtomicI64,
+}
+
+impl Progress {
+    fn new(snapshot: &Snapshot) -> Self {
+        let this = Progress {
+            partition: snapshot.partition,
+            next_offset: AtomicI64::new(0),
+            counted: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            lag: AtomicI64::new(-1),
+        };
+        this.update(snapshot);
+        this
+    }
+
+    fn update(&self, snapshot: &Snapshot) {
+        self.next_offset
+            .store(snapshot.next_offset, Ordering::Relaxed);
+        self.counted
+            .store(snapshot.counters.counted, Ordering::Relaxed);
+        self.duplicates
+            .store(snapshot.counters.duplicates, Ordering::Relaxed);
+        self.malformed
+            .store(snapshot.counters.malformed, Ordering::Relaxed);
+    }
+}
+
+/// How often a worker asks for the high watermark, for the progress lines.
+const LAG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Checks partition numbers: at least one, no repeats, none negative.
+pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
+    if partitions.is_empty() {
+        return Err("give at least one partition".into());
+    }
+    for (i, p) in partitions.iter().enumerate() {
+        if *p < 0 {
+            return Err(format!("partition {p} is negative"));
+        }
+        if partitions[..i].contains(p) {
+            return Err(format!("partition {p} is given twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the consumer until shutdown; returns the first worker error.
+pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
+    check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state folder {}", config.state_dir.display()))?;
+    // Claim every partition first: a second process fails before touching anything.
+    let mut states = Vec::new();
+    for &partition in &config.partitions {
+        states.push(PartitionState::open(&config.state_dir, partition)?);
+    }
+    if let Err(e) = std::fs::create_dir_all(&config.files_dir) {
+        log::error!(
+            "cannot create files folder {}: {e}",
+            config.files_dir.display()
+        );
+    }
+
+    let admin = TopicAdmin::connect(&config.bootstrap_servers)?;
+    let Some(partition_count) = wait_for_topic(&admin, &config.topic, shutdown)? else {
+        return Ok(());
+    };
+    drop(admin);
+    let invalid: Vec<_> = config
+        .partitions
+        .iter()
+        .filter(|p| usize::try_from(**p).map_or(true, |p| p >= partition_count))
+        .collect();
+    if !invalid.is_empty() {
+        let valid: Vec<String> = (0..partition_count).map(|p| p.to_string()).collect();
+        bail!(
+            "topic {:?} has no partition {} (valid: {})",
+            config.topic,
+            invalid
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            valid.join(", ")
+        );
+    }
+
+    let exporter = Exporter::spawn(config.files_dir.clone(), config.render_chart)
+        .context("starting the exporter thread")?;
+    let mut workers = Vec::new();
+    for mut state in states {
+        reconcile_at_start(config, &mut state)?;
+        let snapshot = state.snapshot();
+        let progress = Arc::new(Progress::new(&snapshot));
+        exporter
+            .sender()
+            .send(snapshot)
+            .map_err(|_| anyhow!("exporter stopped"))?;
+        let worker = PartitionWorker {
+            config: config.clone(),
+            state,
+            exporter: exporter.sender(),
+            progress: progress.clone(),
+            shutdown: shutdown.clone(),
+        };
+        workers.push(WorkerHandle::spawn(worker, progress)?);
+    }
+
+    let result = supervise(config, &mut workers, shutdown);
+    shutdown.request();
+    let mut first_error = result.err();
+    for worker in workers {
+        if let Err(e) = worker.join() {
+            first_error.get_or_insert(e);
+        }
+    }
+    exporter.finish();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Waits until the topic is listed; None if shutdown came first.
+fn wait_for_topic(
+    admin: &TopicAdmin,
+    topic: &str,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<usize>> {
+    let mut told = false;
+    loop {
+        if let Some(count) = admin.partition_count(topic)? {
+            return Ok(Some(count));
+        }
+        if !told {
+            log::info!("topic {topic:?} does not exist yet; waiting for it");
+            told = true;
+        }
+        if shutdown.wait(Duration::from_millis(500)) {
+            return Ok(None);
+        }
+    }
+}
+
+/// The assignment's start-up rules, with sled as the source of truth.
+fn reconcile_at_start(config: &ConsumerConfig, state: &mut PartitionState) -> anyhow::Result<()> {
+    if state.is_initialized() {
+        return Ok(());
+    }
+    let partition = state.snapshot().partition;
+    let path = partition_file(&config.files_dir, partition);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let published = export::parse_partition_json(&text).map_err(|e| {
+                anyhow!(
+                    "{} is not a valid partition file ({e}); it was left untouched: \
+                     fix it, or move it away to start partition {partition} afresh",
+                    path.display()
+                )
+            })?;
+            if published.partition != partition {
+                bail!(
+                    "{} says it is partition {}, not {partition}; it was left untouched",
+                    path.display(),
+                    published.partition
+                );
+            }
+            log::info!(
+                "partition {partition}: imported {} (offset {}, {} month/years)",
+                path.display(),
+                published.offset,
+                published.aggregates.len()
+            );
+            state.initialize(published.offset, published.aggregates, 0)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            state.initialize(0, Aggregates::new(), 0)?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    Ok(())
+}
+
+fn supervise(
+    config: &ConsumerConfig,
+    workers: &mut [WorkerHandle],
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let mut last_report = Instant::now();
+    let mut last_offsets: Vec<Offset> = workers
+        .iter()
+        .map(|w| w.progress.next_offset.load(Ordering::Relaxed))
+        .collect();
+    while !shutdown.wait(Duration::from_millis(100)) {
+        if workers.iter().any(|w| w.is_finished()) {
+            return Ok(());
+        }
+        let Some(interval) = config.progress_interval else {
+            continue;
+        };
+        if last_report.elapsed() < interval {
+            continue;
+        }
+        let seconds = last_report.elapsed().as_secs_f64();
+        last_report = Instant::now();
+        for (worker, last) in workers.iter().zip(last_offsets.iter_mut()) {
+            let p = &worker.progress;
+            let next = p.next_offset.load(Ordering::Relaxed);
+            let rate = (next - *last).max(0) as f64 / seconds;
+            *last = next;
+            let lag = match p.lag.load(Ordering::Relaxed) {
+                l if l < 0 => "unknown".to_string(),
+                l => l.to_string(),
+            };
+            log::info!(
+                "partition {}: next offset {next}, {rate:.1} reports/s, {} duplicates dropped, {} malformed skipped, lag {lag}",
+                p.partition,
+                p.duplicates.load(Ordering::Relaxed),
+                p.malformed.load(Ordering::Relaxed),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A named worker thread and its counters.
+struct WorkerHandle {
+    partition: PartitionId,
+    progress: Arc<Progress>,
+    thread: JoinHandle<anyhow::Result<()>>,
+}
+
+impl WorkerHandle {
+    fn spawn(worker: PartitionWorker, progress: Arc<Progress>) -> anyhow::Result<Self> {
+        let partition = progress.partition;
+        let thread = std::thread::Builder::new()
+            .name(format!("partition-{partition}"))
+            .spawn(move || worker.run())
+            .context("starting a partition worker")?;
+        Ok(WorkerHandle {
+            partition,
+            progress,
+            thread,
+        })
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    fn join(self) -> anyhow::Result<()> {
+        let partition = self.partition;
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("partition {partition} worker panicked"))?
+            .with_context(|| format!("partition {partition}"))
+    }
+}
+
+fn partition_consumer(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
+    client_config(bootstrap_servers)
+        // Needed by librdkafka; assign() joins no group and commits nothing.
+        .set("group.id", "weatherstream-consumer")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // An offset outside the log is a question for us (re-created
+        // topic?), never something to silently jump over.
+        .set("auto.offset.reset", "error")
+        .set("allow.auto.create.topics", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.max.messages.kbytes", "8192")
+        .create()
+        .context("creating a Kafka consumer")
+}
+
+fn assign(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: PartitionId,
+    offset: Offset,
+) -> anyhow::Result<()> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
+    consumer.assign(&list).context("assigning the partition")?;
+    Ok(())
+}
+
+/// Errors after which the stored offset must be checked against the topic.
+fn needs_verification(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::OffsetOutOfRange
+                | RDKafkaErrorCode::AutoOffsetReset
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+        )
+    )
+}
+
+/// What the topic holds at one offset.
+#[derive(Debug, PartialEq)]
+enum Probed {
+    Found(Fingerprint),
+    /// The log does not hold this offset (any more).
+    Missing,
+    /// The topic or partition is not listed: deleted, not yet re-created.
+    Absent,
+    /// No answer in time.
+    Unknown,
+}
+
+/// How long a probe waits for a record before calling it missing.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How far back a probe re-reads when a record is not served directly.
+const SCAN_BACK_RECORDS: Offset = 1000;
+
+/// Reads single records by offset, for verification.
+struct RecordProbe {
+    consumer: BaseConsumer,
+    topic: String,
+    partition: PartitionId,
+}
+
+impl RecordProbe {
+    fn new(bootstrap_servers: &str, topic: &str, partition: PartitionId) -> anyhow::Result<Self> {
+        let consumer = client_config(bootstrap_servers)
+            .set("group.id", "weatherstream-probe")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "true")
+            .set("allow.auto.create.topics", "false")
+            .set("fetch.wait.max.ms", "20")
+            .set("queued.max.messages.kbytes", "1024")
+            .create()
+            .context("creating the verification consumer")?;
+        Ok(RecordProbe {
+            consumer,
+            topic: topic.into(),
+            partition,
+        })
+    }
+
+    fn partition_listed(&self) -> anyhow::Result<Option<bool>> {
+        // List all topics: naming the topic can make a broker auto-create it.
+        let metadata = match self.consumer.fetch_metadata(None, Duration::from_secs(5)) {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        Ok(Some(metadata.topics().iter().any(|t| {
+            t.name() == self.topic
+                && t.error().is_none()
+                && t.partitions().iter().any(|p| p.id() == self.partition)
+        })))
+    }
+
+    fn record_at(&self, offset: Offset) -> anyhow::Result<Probed> {
+        match self.partition_listed()? {
+            None => return Ok(Probed::Unknown),
+            Some(false) => return Ok(Probed::Absent),
+            Some(true) => {}
+        }
+        let mut result = self.read_until(offset, offset)?;
+        if result == Probed::Missing && offset > 0 {
+            // Some brokers (tansu's in-memory engine) only serve batches that
+            // start at or after the fetch offset, so a record in the middle
+            // of a batch is only reachable by reading from before it.
+            result = self.read_until((offset - SCAN_BACK_RECORDS).max(0), offset)?;
+        }
+        log::debug!(
+            "probe of partition {} offset {offset}: {result:?}",
+            self.partition
+        );
+        Ok(result)
+    }
+
+    /// Reads from `from` until the record at `offset` or a verdict.
+    fn read_until(&self, from: Offset, offset: Offset) -> anyhow::Result<Probed> {
+        assign(&self.consumer, &self.topic, self.partition, from)?;
+        let deadline = Instant::now() + PROBE_TIMEOUT;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // The broker answered metadata but has no record here. Some
+                // brokers (tansu) answer a fetch past the log end with an
+                // empty batch instead of OFFSET_OUT_OF_RANGE, so silence is
+                // the only signal; a record below the log end never goes
+                // missing from a non-compacted topic.
+                break Probed::Missing;
+            }
+            match self.consumer.poll(left.min(Duration::from_millis(200))) {
+                None => continue,
+                Some(Ok(message)) if message.offset() == offset => {
+                    break Probed::Found(Fingerprint::of(offset, message.key(), message.payload()))
+                }
+                Some(Ok(message)) if message.offset() > offset => break Probed::Missing,
+                Some(Ok(_)) => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break Probed::Missing,
+                Some(Err(e)) if needs_verification(&e) => {
+                    break match e.rdkafka_error_code() {
+                        Some(
+                            RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
+                        ) => Probed::Missing,
+                        _ => Probed::Absent,
+                    }
+                }
+                Some(Err(e)) => {
+                    log::debug!("probe of partition {} offset {offset}: {e}", self.partition);
+                    continue;
+                }
+            }
+        };
+        self.consumer.unassign().context("unassigning the probe")?;
+        Ok(result)
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// The stored offset belongs to the topic as it is now.
+    Current,
+    /// The topic was re-created; the state was reset to offset 0.
+    Reset,
+    /// No conclusion (broker slow, or shutting down); ask again later.
+    Undecided,
+}
+
+/// Rate-limits a kind of log line to one per interval, counting the rest.
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        LogLimiter {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn allow(&mut self) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+struct PartitionWorker {
+    config: ConsumerConfig,
+    state: PartitionState,
+    exporter: Sender<Arc<Snapshot>>,
+    progress: Arc<Progress>,
+    shutdown: Shutdown,
+}
+
+/// Why a batch ended early and the partition needs a check.
+struct Trigger {
+    reason: String,
+    /// The record that raised it, if one did; after a passed check it is
+    /// processed normally.
+    at_offset: Option<Offset>,
+}
+
+impl PartitionWorker {
+    fn partition(&self) -> PartitionId {
+        self.progress.partition
+    }
+
+    fn run(mut self) -> anyhow::Result<()> {
+        let partition = self.partition();
+        let topic = self.config.topic.clone();
+        let probe = RecordProbe::new(&self.config.bootstrap_servers, &topic, partition)?;
+        let mut verdict = self.verify(&probe, "start-up")?;
+        while verdict == Verdict::Undecided && !self.shutdown.requested() {
+            self.shutdown.wait(Duration::from_secs(1));
+            verdict = self.verify(&probe, "start-up")?;
+        }
+        let mut consumer = partition_consumer(&self.config.bootstrap_servers)?;
+        assign(
+            &consumer,
+            &topic,
+            partition,
+            self.state.snapshot().next_offset,
+        )?;
+        let mut last_verify = Instant::now();
+        let mut trigger: Option<Trigger> = None;
+        // Records at or below this offset passed a check already.
+        let mut cleared_through: Offset = -1;
+        let mut errors = LogLimiter::new();
+        let mut last_lag = Instant::now();
+        while !self.shutdown.requested() {
+            let due = last_verify.elapsed() >= self.config.verify_interval;
+            if trigger.is_some() || due {
+                let reason = trigger
+                    .as_ref()
+                    .map_or("periodic check", |t| t.reason.as_str())
+                    .to_string();
+                let verdict = self.verify(&probe, &reason)?;
+                last_verify = Instant::now();
+                match verdict {
+                    Verdict::Undecided if trigger.is_some() => {
+                        // Read nothing more until the question is settled.
+                        self.shutdown.wait(Duration::from_millis(500));
+                        continue;
+                    }
+                    Verdict::Undecided => {}
+                    Verdict::Current | Verdict::Reset => {
+                        if let Some(t) = trigger.take() {
+                            cleared_through = cleared_through.max(t.at_offset.unwrap_or(-1));
+                        }
+                        if verdict == Verdict::Reset {
+                            cleared_through = -1;
+                        }
+                        // A fresh client: after a re-creation the old one may
+                        // hold stale metadata or an error state.
+                        consumer = partition_consumer(&self.config.bootstrap_servers)?;
+                        assign(
+                            &consumer,
+                            &topic,
+                            partition,
+                            self.state.snapshot().next_offset,
+                        )?;
+                    }
+                }
+            }
+            trigger = self.consume_batch(&consumer, cleared_through, &mut errors)?;
+            if last_lag.elapsed() >= LAG_INTERVAL {
+                last_lag = Instant::now();
+                self.refresh_lag(&consumer);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the stored fingerprints against the topic; resets on mismatch.
+    fn verify(&mut self, probe: &RecordProbe, reason: &str) -> anyhow::Result<Verdict> {
+        let snapshot = self.state.snapshot();
+        if snapshot.next_offset == 0 {
+            return Ok(Verdict::Current);
+        }
+        let partition = self.partition();
+        let mut checks: Vec<Fingerprint> = snapshot.anchor.into_iter().collect();
+        checks.extend(snapshot.last_record.filter(|r| Some(*r) != snapshot.anchor));
+        let mut adopted: Option<Fingerprint> = None;
+        let mut gone: Option<Offset> = None;
+        let mut told_absent = false;
+        if checks.is_empty() {
+            // Imported state: nothing recorded to compare, so the record
+            // before the offset only has to exist; it becomes the anchor.
+            let offset = snapshot.next_offset - 1;
+            loop {
+                match probe.record_at(offset)? {
+                    Probed::Found(fp) => {
+                        adopted = Some(fp);
+                        break;
+                    }
+                    Probed::Missing => {
+                        gone = Some(offset);
+                        break;
+                    }
+                    Probed::Absent => {
+                        if !self.wait_absent(&mut told_absent) {
+                            return Ok(Verdict::Undecided);
+                        }
+                    }
+                    Probed::Unknown => return Ok(Verdict::Undecided),
+                }
+            }
+        }
+        for expected in &checks {
+            loop {
+                match probe.record_at(expected.offset)? {
+                    Probed::Found(fp) if fp == *expected => break,
+                    Probed::Found(_) | Probed::Missing => {
+                        gone = Some(expected.offset);
+                        break;
+                    }
+                    Probed::Absent => {
+                        if !self.wait_absent(&mut told_absent) {
+                            return Ok(Verdict::Undecided);
+                        }
+                    }
+                    Probed::Unknown => return Ok(Verdict::Undecided),
+                }
+            }
+            if gone.is_some() {
+                break;
+            }
+        }
+        if let Some(offset) = gone {
+            log::warn!(
+                "partition {partition}: topic {:?} was re-created (the record at offset {offset} is gone or different; noticed by {reason}); \
+                 resetting this partition's statistics from offset {} to 0",
+                self.config.topic,
+                snapshot.next_offset
+            );
+            let snapshot = self.state.reset()?;
+            self.progress.update(&snapshot);
+            self.publish(snapshot)?;
+            return Ok(Verdict::Reset);
+        }
+        if let Some(anchor) = adopted.or(snapshot.last_record) {
+            self.state.set_anchor(anchor)?;
+        }
+        Ok(Verdict::Current)
+    }
+
+    /// Asks the broker for the high watermark (a network round trip, so
+    /// only every [`LAG_INTERVAL`]).
+    fn refresh_lag(&self, consumer: &BaseConsumer) {
+        let watermarks =
+            consumer.fetch_watermarks(&self.config.topic, self.partition(), Duration::from_secs(1));
+        if let Ok((_, high)) = watermarks {
+            let next = self.progress.next_offset.load(Ordering::Relaxed);
+            self.progress
+                .lag
+                .store((high - next).max(0), Ordering::Relaxed);
+        }
+    }
+
+    /// Waits while the topic is absent; false on shutdown.
+    fn wait_absent(&self, told: &mut bool) -> bool {
+        if !*told {
+            log::warn!(
+                "partition {}: topic {:?} is not there (deleted?); waiting for it",
+                self.partition(),
+                self.config.topic
+            );
+            *told = true;
+        }
+        !self.shutdown.wait(Duration::from_millis(500))
+    }
+
+    fn publish(&self, snapshot: Arc<Snapshot>) -> anyhow::Result<()> {
+        self.exporter
+            .send(snapshot)
+            .map_err(|_| anyhow!("the exporter stopped"))
+    }
+
+    /// Reads one batch, commits it, and returns a trigger if one came up.
+    fn consume_batch(
+        &mut self,
+        consumer: &BaseConsumer,
+        cleared_through: Offset,
+        errors: &mut LogLimiter,
+    ) -> anyhow::Result<Option<Trigger>> {
+        let snapshot = self.state.snapshot();
+        let partition = self.partition();
+        let mut fold = BatchFold::new(&snapshot.aggregates);
+        let mut next_offset = snapshot.next_offset;
+        let mut last_record = None;
+        let mut malformed = 0u64;
+        let mut trigger = None;
+        let mut bad_input = LogLimiter::new();
+        let mut seen = 0usize;
+        let mut wait = Duration::from_millis(100);
+        let mut deadline: Option<Instant> = None;
+        while seen < self.config.max_batch {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let Some(result) = consumer.poll(wait) else {
+                break;
+            };
+            let message: BorrowedMessage<'_> = match result {
+                Ok(message) => message,
+                Err(error) if needs_verification(&error) => {
+                    trigger = Some(Trigger {
+                        reason: format!("consumer error: {error}"),
+                        at_offset: None,
+                    });
+                    break;
+                }
+                Err(error) => {
+                    if let Some(suppressed) = errors.allow() {
+                        log::warn!(
+                            "partition {partition}: {error} ({suppressed} similar suppressed)"
+                        );
+                    }
+                    if seen == 0 {
+                        // Nothing read yet: do not spin on a failing broker.
+                        self.shutdown.wait(Duration::from_millis(100));
+                    }
+                    break;
+                }
+            };
+            let offset = message.offset();
+            if offset < next_offset {
+                // Already counted (re-delivered after a seek): skip.
+                continue;
+            }
+            if deadline.is_none() {
+                deadline =
+                    Some(Instant::now() + Duration::from_millis(self.config.batch_timeout_ms));
+                // Take what is already fetched, without waiting for more.
+                wait = Duration::ZERO;
+            }
+            match report::validate(message.key(), message.payload()) {
+                Ok(valid) => {
+                    let recorded_end = fold.current(MonthYear::of(valid.date)).map(|s| s.end);
+                    if recorded_end.is_some_and(|end| valid.date < end) && offset > cleared_through
+                    {
+                        // Retries repeat the last date, never an older one:
+                        // this smells of a re-created topic. Stop before it.
+                        trigger = Some(Trigger {
+                            reason: format!("report for {} at offset {offset} is older than recorded statistics", valid.date),
+                            at_offset: Some(offset),
+                        });
+                        break;
+                    }
+                    fold.add(&valid);
+                }
+                Err(reason) => {
+                    malformed += 1;
+                    if let Some(suppressed) = bad_input.allow() {
+                        log::warn!(
+                            "partition {partition} offset {offset}: skipped malformed message: {reason}{}",
+                            if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() }
+                        );
+                    }
+                }
+            }
+            next_offset = offset + 1;
+            last_record = Some(Fingerprint::of(offset, message.key(), message.payload()));
+            seen += 1;
+        }
+        if next_offset != snapshot.next_offset {
+            let counted = fold.counted;
+            let duplicates = fold.duplicates;
+            let committed = self.state.commit(BatchCommit {
+                touched: fold.into_touched(),
+                counted,
+                duplicates,
+                malformed,
+                next_offset,
+                last_record,
+            })?;
+            self.progress.update(&committed);
+            self.publish(committed)?;
+        }
+        Ok(trigger)
+    }
+}

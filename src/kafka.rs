@@ -1,0 +1,238 @@
+//! Connection settings and topic administration shared by every command:
+//! how a client is configured, how topics are listed (always by listing all
+//! topics, because some brokers auto-create a topic that a metadata request
+//! names), and how the producer deletes and re-creates its topic with polled
+//! deadlines instead of fixed sleeps.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures_executor::block_on;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use thiserror::Error;
+
+/// Kafka partition number, as librdkafka numbers them.
+pub type PartitionId = i32;
+/// Kafka record offset; `next_offset` is the offset of the next record to read.
+pub type Offset = i64;
+
+/// Environment variable that supplies `--bootstrap-servers`.
+pub const BOOTSTRAP_ENV: &str = "KAFKA_BOOTSTRAP_SERVERS";
+/// Environment variable naming librdkafka debug contexts to enable.
+pub const RDKAFKA_DEBUG_ENV: &str = "RDKAFKA_DEBUG";
+/// Default broker address, as in the assignment.
+pub const DEFAULT_BOOTSTRAP: &str = "localhost:9092";
+/// Default topic.
+pub const DEFAULT_TOPIC: &str = "temperatures";
+
+/// How long a start-up may wait for the broker to answer at all.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of topic administration and broker reachability.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("cannot reach a Kafka broker at {servers} within {}s", timeout.as_secs())]
+    Unreachable {
+        servers: String,
+        timeout: Duration,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("Kafka client error")]
+    Kafka(#[from] KafkaError),
+    #[error("{action} topic {topic:?} failed: {code}")]
+    TopicOperation {
+        action: &'static str,
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("topic {topic:?}: {what} did not happen within {}s", timeout.as_secs())]
+    Timeout {
+        topic: String,
+        what: &'static str,
+        timeout: Duration,
+    },
+}
+
+/// A client configuration for `bootstrap_servers` with the settings every
+/// client of ours shares.
+pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("client.id", "weatherstream")
+        // A broker that is down must surface as an error, not a silent hang.
+        .set("socket.connection.setup.timeout.ms", "5000");
+    // librdkafka prints some clients' logs (the admin client's) straight to
+    // stderr; when its log target is off, so is that.
+    if !log::log_enabled!(target: "librdkafka", log::Level::Error) {
+        config.set_log_level(RDKafkaLogLevel::Emerg);
+    }
+    // librdkafka's own debug contexts (e.g. "metadata,fetch"), for diagnosis.
+    if let Ok(contexts) = std::env::var(RDKAFKA_DEBUG_ENV) {
+        config.set("debug", contexts);
+    }
+    config
+}
+
+/// Topic administration over one admin connection.
+pub struct TopicAdmin {
+    admin: AdminClient<DefaultClientContext>,
+    servers: String,
+}
+
+impl TopicAdmin {
+    /// Connects and checks that the broker answers within [`CONNECT_TIMEOUT`].
+    pub fn connect(bootstrap_servers: &str) -> Result<Self, AdminError> {
+        let admin: AdminClient<DefaultClientContext> = client_config(bootstrap_servers).create()?;
+        let this = TopicAdmin {
+            admin,
+            servers: bootstrap_servers.to_string(),
+        };
+        this.admin
+            .inner()
+            .fetch_metadata(None, CONNECT_TIMEOUT)
+            .map_err(|source| AdminError::Unreachable {
+                servers: this.servers.clone(),
+                timeout: CONNECT_TIMEOUT,
+                source,
+            })?;
+        Ok(this)
+    }
+
+    /// Every topic the broker lists, with its partition count.
+    pub fn topics(&self) -> Result<BTreeMap<String, usize>, AdminError> {
+        let metadata = self
+            .admin
+            .inner()
+            .fetch_metadata(None, CONNECT_TIMEOUT)
+            .map_err(|source| AdminError::Unreachable {
+                servers: self.servers.clone(),
+                timeout: CONNECT_TIMEOUT,
+                source,
+            })?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| (t.name().to_string(), t.partitions().len()))
+            .collect())
+    }
+
+    /// The partition count of `topic`, or None when the broker does not list it.
+    pub fn partition_count(&self, topic: &str) -> Result<Option<usize>, AdminError> {
+        Ok(self.topics()?.get(topic).copied())
+    }
+
+    /// Deletes `topic`; returns false when it did not exist.
+    pub fn delete_topic(&self, topic: &str) -> Result<bool, AdminError> {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = block_on(self.admin.delete_topics(&[topic], &options))?;
+        for result in results {
+            match result {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => return Ok(false),
+                Err((_, code)) => {
+                    return Err(AdminError::TopicOperation {
+                        action: "deleting",
+                        topic: topic.into(),
+                        code,
+                    })
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Creates `topic`; returns false when it already existed.
+    pub fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication_factor: i32,
+    ) -> Result<bool, AdminError> {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let new_topic = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(replication_factor),
+        );
+        let results = block_on(self.admin.create_topics(&[new_topic], &options))?;
+        for result in results {
+            match result {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
+                Err((_, code)) => {
+                    return Err(AdminError::TopicOperation {
+                        action: "creating",
+                        topic: topic.into(),
+                        code,
+                    })
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Polls the topic list until `done` holds for `topic`'s partition count.
+    pub fn wait_for(
+        &self,
+        topic: &str,
+        what: &'static str,
+        timeout: Duration,
+        done: impl Fn(Option<usize>) -> bool,
+    ) -> Result<(), AdminError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self.partition_count(topic)?) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(AdminError::Timeout {
+                    topic: topic.into(),
+                    what,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Deletes `topic` if it exists, waits until the deletion is visible,
+    /// creates it afresh and waits until it is listed with `partitions`.
+    pub fn recreate_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication_factor: i32,
+    ) -> Result<(), AdminError> {
+        let timeout = Duration::from_secs(30);
+        let wanted = usize::try_from(partitions).unwrap_or(0);
+        // A client that asks for the topic between our delete and create can
+        // make an auto-creating broker create it with its defaults: retry.
+        for _attempt in 0..5 {
+            if self.delete_topic(topic)? {
+                log::info!("deleted topic {topic:?}");
+            } else {
+                log::info!("topic {topic:?} did not exist");
+            }
+            self.wait_for(topic, "deletion", timeout, |count| count.is_none())?;
+            if self.create_topic(topic, partitions, replication_factor)? {
+                self.wait_for(topic, "creation", timeout, |count| count == Some(wanted))?;
+                log::info!(
+                    "created topic {topic:?} with {partitions} partitions, replication factor {replication_factor}"
+                );
+                return Ok(());
+            }
+            log::warn!("topic {topic:?} re-appeared before it could be created; deleting again");
+        }
+        Err(AdminError::Timeout {
+            topic: topic.into(),
+            what: "re-creation",
+            timeout,
+        })
+    }
+}

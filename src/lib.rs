@@ -1,0 +1,23 @@
+//! weatherstream: daily weather reports through Kafka into exactly-once
+//! per-partition month/year statistics, kept in sled and published as
+//! `partition-N.json` files and a `month.svg` chart.
+//!
+//! Data flows one way: [`generator`] -> [`producer`] -> Kafka -> partition
+//! workers ([`consumer`]) -> [`state`] (sled) -> [`export`] -> files written
+//! by [`atomic_file`].
+
+pub mod aggregate;
+pub mod atomic_file;
+pub mod chart;
+pub mod cli;
+pub mod consumer;
+pub mod debug;
+pub mod export;
+pub mod generator;
+pub mod kafka;
+pub mod producer;
+pub mod pyfmt;
+pub mod report;
+pub mod shutdown;
+pub mod state;
+pub mod tools;

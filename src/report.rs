@@ -1,0 +1,183 @@
+//! The wire format of topic `temperatures`: a message's key is the English
+//! name of its date's month, its value a protobuf `Report`
+//! (proto/report.proto). Encoding and the checks a consumer applies before
+//! trusting a message both live here, so producer and consumer cannot drift.
+
+use chrono::{Datelike, NaiveDate};
+use prost::Message;
+use thiserror::Error;
+
+mod proto {
+    include!(concat!(env!("OUT_DIR"), "/weatherstream.rs"));
+}
+pub use proto::Report;
+
+/// Month names, index 0 = January: the message keys.
+pub const MONTH_NAMES: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// Date format of `Report.date` and of the JSON files.
+pub const DATE_FORMAT: &str = "%Y-%m-%d";
+
+/// The English name of a month number (1 = January).
+pub fn month_name(month: u32) -> &'static str {
+    MONTH_NAMES[(month as usize).saturating_sub(1).min(11)]
+}
+
+/// The month number (1..=12) of an English month name.
+pub fn month_number(name: &str) -> Option<u32> {
+    MONTH_NAMES
+        .iter()
+        .position(|m| *m == name)
+        .map(|i| i as u32 + 1)
+}
+
+/// The message key of a report for `date`.
+pub fn key_for(date: NaiveDate) -> &'static str {
+    month_name(date.month())
+}
+
+/// Encodes a report as the message value.
+pub fn encode(date: NaiveDate, degrees: f64) -> Vec<u8> {
+    Report {
+        date: date.format(DATE_FORMAT).to_string(),
+        degrees,
+    }
+    .encode_to_vec()
+}
+
+/// A message that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValidReport {
+    pub date: NaiveDate,
+    pub degrees: f64,
+}
+
+/// Why a message was not accepted as a report.
+#[derive(Debug, Error, PartialEq)]
+pub enum Malformed {
+    #[error("message has no value")]
+    NoValue,
+    #[error("value is not a Report protobuf: {0}")]
+    NotAReport(String),
+    #[error("date {0:?} is not YYYY-MM-DD")]
+    BadDate(String),
+    #[error("key {key:?} is not the month of date {date}")]
+    KeyMismatch { key: String, date: NaiveDate },
+    #[error("degrees {0} is not a finite number")]
+    NonFinite(f64),
+}
+
+/// Decodes a value into a protobuf `Report` without further checks (for
+/// `debug`, which prints whatever is in the stream).
+pub fn decode(value: &[u8]) -> Result<Report, Malformed> {
+    Report::decode(value).map_err(|e| Malformed::NotAReport(e.to_string()))
+}
+
+/// Decodes and validates a message: the value is a `Report`, its date
+/// parses, the key names that date's month, and degrees are finite.
+pub fn validate(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<ValidReport, Malformed> {
+    let report = decode(value.ok_or(Malformed::NoValue)?)?;
+    let date = NaiveDate::parse_from_str(&report.date, DATE_FORMAT)
+        .ok()
+        .filter(|d| d.format(DATE_FORMAT).to_string() == report.date)
+        .ok_or_else(|| Malformed::BadDate(report.date.clone()))?;
+    let expected = key_for(date).as_bytes();
+    if key != Some(expected) {
+        return Err(Malformed::KeyMismatch {
+            key: String::from_utf8_lossy(key.unwrap_or_default()).into_owned(),
+            date,
+        });
+    }
+    if !report.degrees.is_finite() {
+        return Err(Malformed::NonFinite(report.degrees));
+    }
+    Ok(ValidReport {
+        date,
+        degrees: report.degrees,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    #[test]
+    fn round_trip() {
+        let value = encode(d(2000, 12, 26), 31.5235);
+        let r = validate(Some(b"December"), Some(&value)).unwrap();
+        assert_eq!(r.date, d(2000, 12, 26));
+        assert_eq!(r.degrees, 31.5235);
+    }
+
+    #[test]
+    fn month_names_and_numbers_agree() {
+        for m in 1..=12 {
+            assert_eq!(month_number(month_name(m)), Some(m));
+        }
+        assert_eq!(key_for(d(1990, 2, 28)), "February");
+        assert_eq!(month_number("june"), None);
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_good_report() {
+        let good = encode(d(1990, 1, 5), 3.0);
+        assert_eq!(validate(Some(b"January"), None), Err(Malformed::NoValue));
+        assert!(matches!(
+            validate(Some(b"January"), Some(&[0xff, 0xff, 0xff])),
+            Err(Malformed::NotAReport(_))
+        ));
+        assert!(matches!(
+            validate(Some(b"February"), Some(&good)),
+            Err(Malformed::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            validate(None, Some(&good)),
+            Err(Malformed::KeyMismatch { .. })
+        ));
+        let bad_date = Report {
+            date: "1990-13-01".into(),
+            degrees: 1.0,
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            validate(Some(b"January"), Some(&bad_date)),
+            Err(Malformed::BadDate(_))
+        ));
+        let short_date = Report {
+            date: "1990-1-5".into(),
+            degrees: 1.0,
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            validate(Some(b"January"), Some(&short_date)),
+            Err(Malformed::BadDate(_))
+        ));
+        let nan = encode(d(1990, 1, 5), f64::NAN);
+        assert!(matches!(
+            validate(Some(b"January"), Some(&nan)),
+            Err(Malformed::NonFinite(_))
+        ));
+        let inf = encode(d(1990, 1, 5), f64::INFINITY);
+        assert!(matches!(
+            validate(Some(b"January"), Some(&inf)),
+            Err(Malformed::NonFinite(_))
+        ));
+    }
+}

@@ -1,0 +1,646 @@
+//! The consumer's durable state, one sled database per partition at
+//! `<state-dir>/partition-N/`. This module alone knows the sled keys and
+//! encodings; everyone else sees [`Snapshot`]s.
+//!
+//! Keys (values are bincode unless noted):
+//! - `meta:next_offset` — i64 big-endian: the offset of the next record to read
+//! - `meta:epoch` — u64: bumped whenever the partition is reset (topic re-created)
+//! - `meta:last_record` — [`Fingerprint`] of the last record consumed
+//! - `meta:anchor` — [`Fingerprint`] of a record verified to still be in the topic
+//! - `meta:counters` — [`Counters`]
+//! - `meta:last_commit_ms` — i64 big-endian, Unix milliseconds
+//! - `stat:` + month (1 byte) + year (4 bytes, big-endian, sign bit flipped) —
+//!   one month/year's statistics. The key layout makes a prefix scan iterate
+//!   months in calendar order and years ascending, the order of the JSON.
+//!
+//! Every batch is ONE sled transaction (touched statistics, counters,
+//! fingerprint and next offset together), followed by a flush, so that what
+//! is reported as committed survives `kill -9` and a crash.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{Datelike, NaiveDate};
+use serde::{Deserialize, Serialize};
+use sled::transaction::TransactionError;
+use thiserror::Error;
+
+use crate::aggregate::{Aggregates, MonthStats, MonthYear};
+use crate::atomic_file;
+use crate::kafka::{Offset, PartitionId};
+
+const NEXT_OFFSET: &[u8] = b"meta:next_offset";
+const EPOCH: &[u8] = b"meta:epoch";
+const LAST_RECORD: &[u8] = b"meta:last_record";
+const ANCHOR: &[u8] = b"meta:anchor";
+const COUNTERS: &[u8] = b"meta:counters";
+const LAST_COMMIT_MS: &[u8] = b"meta:last_commit_ms";
+const STAT_PREFIX: &[u8] = b"stat:";
+
+/// Identifies one record, so a stored offset can be checked against the
+/// topic: after a topic is deleted and re-created, the record at an old
+/// offset is missing or different.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub offset: Offset,
+    pub key_hash: u64,
+    pub value_hash: u64,
+}
+
+impl Fingerprint {
+    pub fn of(offset: Offset, key: Option<&[u8]>, value: Option<&[u8]>) -> Self {
+        Fingerprint {
+            offset,
+            key_hash: key.map_or(0, fnv1a),
+            value_hash: value.map_or(0, fnv1a),
+        }
+    }
+}
+
+/// FNV-1a, 64 bit: stable across builds and versions, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Per-partition counts since the state began (or was last reset).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub counted: u64,
+    pub duplicates: u64,
+    pub malformed: u64,
+}
+
+/// One committed, consistent view of a partition's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub partition: PartitionId,
+    pub epoch: u64,
+    pub next_offset: Offset,
+    pub aggregates: Aggregates,
+    pub counters: Counters,
+    pub last_record: Option<Fingerprint>,
+    pub anchor: Option<Fingerprint>,
+    pub last_commit_unix_ms: Option<i64>,
+}
+
+impl Snapshot {
+    fn empty(partition: PartitionId) -> Self {
+        Snapshot {
+            partition,
+            epoch: 0,
+            next_offset: 0,
+            aggregates: Aggregates::new(),
+            counters: Counters::default(),
+            last_record: None,
+            anchor: None,
+            last_commit_unix_ms: None,
+        }
+    }
+}
+
+/// One batch's effect, committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct BatchCommit {
+    pub touched: BTreeMap<MonthYear, MonthStats>,
+    pub counted: u64,
+    pub duplicates: u64,
+    pub malformed: u64,
+    pub next_offset: Offset,
+    pub last_record: Option<Fingerprint>,
+}
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("partition {partition} is held by another consumer process{} (state {path:?} is locked)", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Locked {
+        partition: PartitionId,
+        path: PathBuf,
+        holder: Option<String>,
+    },
+    #[error("partition {partition} has no state at {path:?}")]
+    NoState {
+        partition: PartitionId,
+        path: PathBuf,
+    },
+    #[error("state {path:?}")]
+    Sled {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("state {path:?}: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("writing {path:?}")]
+    Owner {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The folder of one partition's sled database.
+pub fn partition_dir(state_dir: &Path, partition: PartitionId) -> PathBuf {
+    state_dir.join(format!("partition-{partition}"))
+}
+
+fn owner_file(state_dir: &Path, partition: PartitionId) -> PathBuf {
+    state_dir.join(format!("partition-{partition}.owner"))
+}
+
+/// Who last claimed a partition (the lock is the authority; this only names
+/// the holder in messages).
+pub fn holder(state_dir: &Path, partition: PartitionId) -> Option<String> {
+    fs::read_to_string(owner_file(state_dir, partition))
+        .ok()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.is_empty())
+}
+
+/// Partitions that have a state folder under `state_dir`, ascending.
+pub fn partitions_in(state_dir: &Path) -> std::io::Result<Vec<PartitionId>> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(state_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(number) = name.to_str().and_then(|n| n.strip_prefix("partition-")) else {
+            continue;
+        };
+        if let (Ok(partition), true) = (number.parse(), entry.path().is_dir()) {
+            found.push(partition);
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+fn stat_key(key: MonthYear) -> [u8; 10] {
+    let mut out = [0u8; 10];
+    out[..5].copy_from_slice(STAT_PREFIX);
+    out[5] = key.month as u8;
+    out[6..].copy_from_slice(&((key.year as u32) ^ 0x8000_0000).to_be_bytes());
+    out
+}
+
+fn parse_stat_key(bytes: &[u8]) -> Option<MonthYear> {
+    let rest = bytes.strip_prefix(STAT_PREFIX)?;
+    let (&month, year) = rest.split_first()?;
+    let year = u32::from_be_bytes(year.try_into().ok()?) ^ 0x8000_0000;
+    Some(MonthYear {
+        month: u32::from(month),
+        year: year as i32,
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredStats {
+    count: u64,
+    sum: f64,
+    start_days_from_ce: i32,
+    end_days_from_ce: i32,
+}
+
+fn encode_stats(stats: &MonthStats) -> Vec<u8> {
+    let stored = StoredStats {
+        count: stats.count,
+        sum: stats.sum,
+        start_days_from_ce: stats.start.num_days_from_ce(),
+        end_days_from_ce: stats.end.num_days_from_ce(),
+    };
+    bincode::serialize(&stored).expect("plain struct always serializes")
+}
+
+fn decode_stats(bytes: &[u8]) -> Option<MonthStats> {
+    let stored: StoredStats = bincode::deserialize(bytes).ok()?;
+    Some(MonthStats {
+        count: stored.count,
+        sum: stored.sum,
+        start: NaiveDate::from_num_days_from_ce_opt(stored.start_days_from_ce)?,
+        end: NaiveDate::from_num_days_from_ce_opt(stored.end_days_from_ce)?,
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serialize(value).expect("plain struct always serializes")
+}
+
+fn now_unix_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// One partition's open sled database and its committed snapshot.
+pub struct PartitionState {
+    db: sled::Db,
+    path: PathBuf,
+    initialized: bool,
+    snapshot: Arc<Snapshot>,
+}
+
+impl PartitionState {
+    /// Opens (creating if needed) and locks a partition's state; records
+    /// this process as its holder.
+    pub fn open(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
+        let this = Self::open_dir(state_dir, partition)?;
+        let owner = owner_file(state_dir, partition);
+        let text = format!(
+            "pid {} since {}\n",
+            std::process::id(),
+            chrono::Utc::now().to_rfc3339()
+        );
+        atomic_file::write(&owner, text.as_bytes()).map_err(|source| StateError::Owner {
+            path: owner,
+            source,
+        })?;
+        Ok(this)
+    }
+
+    /// Opens a partition's state only if it exists (export, inspect-state).
+    pub fn open_existing(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
+        let path = partition_dir(state_dir, partition);
+        if !path.join("db").exists() {
+            return Err(StateError::NoState { partition, path });
+        }
+        let this = Self::open_dir(state_dir, partition)?;
+        if !this.initialized {
+            return Err(StateError::NoState { partition, path });
+        }
+        Ok(this)
+    }
+
+    fn open_dir(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
+        let path = partition_dir(state_dir, partition);
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(8 * 1024 * 1024)
+            // We flush after every commit; no background flusher needed.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| match source {
+                sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
+                    StateError::Locked {
+                        partition,
+                        path: path.clone(),
+                        holder: holder(state_dir, partition),
+                    }
+                }
+                source => StateError::Sled {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let mut this = PartitionState {
+            db,
+            path,
+            initialized: false,
+            snapshot: Arc::new(Snapshot::empty(partition)),
+        };
+        this.load()?;
+        Ok(this)
+    }
+
+    fn sled_error(&self, source: sled::Error) -> StateError {
+        StateError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> StateError {
+        StateError::Corrupt {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    fn get_i64(&self, key: &[u8]) -> Result<Option<i64>, StateError> {
+        match self.db.get(key).map_err(|e| self.sled_error(e))? {
+            None => Ok(None),
+            Some(bytes) => {
+                let array: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
+                    self.corrupt(format!("{} is not 8 bytes", String::from_utf8_lossy(key)))
+                })?;
+                Ok(Some(i64::from_be_bytes(array)))
+            }
+        }
+    }
+
+    fn get_bincode<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StateError> {
+        match self.db.get(key).map_err(|e| self.sled_error(e))? {
+            None => Ok(None),
+            Some(bytes) => bincode::deserialize(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("{}: {e}", String::from_utf8_lossy(key)))),
+        }
+    }
+
+    fn load(&mut self) -> Result<(), StateError> {
+        let partition = self.snapshot.partition;
+        let Some(next_offset) = self.get_i64(NEXT_OFFSET)? else {
+            return Ok(());
+        };
+        let mut aggregates = Aggregates::new();
+        for item in self.db.scan_prefix(STAT_PREFIX) {
+            let (key, value) = item.map_err(|e| self.sled_error(e))?;
+            let month_year =
+                parse_stat_key(&key).ok_or_else(|| self.corrupt("bad statistics key"))?;
+            let stats = decode_stats(&value).ok_or_else(|| self.corrupt("bad statistics value"))?;
+            aggregates.insert(month_year, stats);
+        }
+        self.snapshot = Arc::new(Snapshot {
+            partition,
+            epoch: self.get_bincode(EPOCH)?.unwrap_or(0),
+            next_offset,
+            aggregates,
+            counters: self.get_bincode(COUNTERS)?.unwrap_or_default(),
+            last_record: self.get_bincode(LAST_RECORD)?,
+            anchor: self.get_bincode(ANCHOR)?,
+            last_commit_unix_ms: self.get_i64(LAST_COMMIT_MS)?,
+        });
+        self.initialized = true;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True once the partition has a committed offset.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized
+    }
+
+    /// The last committed snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Writes `inserts` and `removes` in one transaction, then flushes.
+    fn apply(&self, inserts: &[(Vec<u8>, Vec<u8>)], removes: &[Vec<u8>]) -> Result<(), StateError> {
+        let result: Result<(), TransactionError<()>> = self.db.transaction(|tx| {
+            for key in removes {
+                tx.remove(key.as_slice())?;
+            }
+            for (key, value) in inserts {
+                tx.insert(key.as_slice(), value.as_slice())?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(self.sled_error(e)),
+            Err(TransactionError::Abort(())) => return Err(self.corrupt("transaction aborted")),
+        }
+        self.db.flush().map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    /// Replaces the whole state (first start, import, or reset after a topic
+    /// re-creation) in one transaction.
+    pub fn initialize(
+        &mut self,
+        next_offset: Offset,
+        aggregates: Aggregates,
+        epoch: u64,
+    ) -> Result<Arc<Snapshot>, StateError> {
+        let removes: Vec<Vec<u8>> = self
+            .snapshot
+            .aggregates
+            .keys()
+            .filter(|k| !aggregates.contains_key(k))
+            .map(|k| stat_key(*k).to_vec())
+            .chain([LAST_RECORD.to_vec(), ANCHOR.to_vec()])
+            .collect();
+        let now = now_unix_ms();
+        let mut inserts: Vec<(Vec<u8>, Vec<u8>)> = aggregates
+            .iter()
+            .map(|(k, v)| (stat_key(*k).to_vec(), encode_stats(v)))
+            .collect();
+        inserts.extend([
+            (NEXT_OFFSET.to_vec(), next_offset.to_be_bytes().to_vec()),
+            (EPOCH.to_vec(), encode(&epoch)),
+            (COUNTERS.to_vec(), encode(&Counters::default())),
+            (LAST_COMMIT_MS.to_vec(), now.to_be_bytes().to_vec()),
+        ]);
+        self.apply(&inserts, &removes)?;
+        self.initialized = true;
+        self.snapshot = Arc::new(Snapshot {
+            partition: self.snapshot.partition,
+            epoch,
+            next_offset,
+            aggregates,
+            counters: Counters::default(),
+            last_record: None,
+            anchor: None,
+            last_commit_unix_ms: Some(now),
+        });
+        Ok(self.snapshot.clone())
+    }
+
+    /// Forgets everything after a topic re-creation: offset 0, no statistics,
+    /// a new epoch (so the exporter accepts the lower offset).
+    pub fn reset(&mut self) -> Result<Arc<Snapshot>, StateError> {
+        let epoch = self.snapshot.epoch + 1;
+        self.initialize(0, Aggregates::new(), epoch)
+    }
+
+    /// Commits one batch atomically and durably.
+    pub fn commit(&mut self, batch: BatchCommit) -> Result<Arc<Snapshot>, StateError> {
+        let old = &self.snapshot;
+        let counters = Counters {
+            counted: old.counters.counted + batch.counted,
+            duplicates: old.counters.duplicates + batch.duplicates,
+            malformed: old.counters.malformed + batch.malformed,
+        };
+        let now = now_unix_ms();
+        let mut inserts: Vec<(Vec<u8>, Vec<u8>)> = batch
+            .touched
+            .iter()
+            .map(|(k, v)| (stat_key(*k).to_vec(), encode_stats(v)))
+            .collect();
+        inserts.extend([
+            (
+                NEXT_OFFSET.to_vec(),
+                batch.next_offset.to_be_bytes().to_vec(),
+            ),
+            (COUNTERS.to_vec(), encode(&counters)),
+            (LAST_COMMIT_MS.to_vec(), now.to_be_bytes().to_vec()),
+        ]);
+        let last_record = batch.last_record.or(old.last_record);
+        if let Some(fp) = &last_record {
+            inserts.push((LAST_RECORD.to_vec(), encode(fp)));
+        }
+        self.apply(&inserts, &[])?;
+        let mut aggregates = old.aggregates.clone();
+        aggregates.extend(batch.touched);
+        self.snapshot = Arc::new(Snapshot {
+            partition: old.partition,
+            epoch: old.epoch,
+            next_offset: batch.next_offset,
+            aggregates,
+            counters,
+            last_record,
+            anchor: old.anchor,
+            last_commit_unix_ms: Some(now),
+        });
+        Ok(self.snapshot.clone())
+    }
+
+    /// Records a fingerprint verified to be in the current topic.
+    pub fn set_anchor(&mut self, anchor: Fingerprint) -> Result<(), StateError> {
+        if self.snapshot.anchor == Some(anchor) {
+            return Ok(());
+        }
+        self.apply(&[(ANCHOR.to_vec(), encode(&anchor))], &[])?;
+        let mut next = (*self.snapshot).clone();
+        next.anchor = Some(anchor);
+        self.snapshot = Arc::new(next);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).unwrap()
+    }
+
+    fn stats(count: u64, sum: f64) -> MonthStats {
+        MonthStats {
+            count,
+            sum,
+            start: date(1990, 1, 1),
+            end: date(1990, 1, count as u32),
+        }
+    }
+
+    #[test]
+    fn stat_keys_iterate_months_then_years() {
+        let keys = [
+            MonthYear {
+                month: 2,
+                year: 1990,
+            },
+            MonthYear {
+                month: 1,
+                year: 2001,
+            },
+            MonthYear {
+                month: 1,
+                year: 1999,
+            },
+            MonthYear {
+                month: 12,
+                year: -5,
+            },
+        ];
+        let mut encoded: Vec<_> = keys.iter().map(|k| stat_key(*k)).collect();
+        encoded.sort();
+        let decoded: Vec<_> = encoded.iter().map(|k| parse_stat_key(k).unwrap()).collect();
+        let mut expected = keys.to_vec();
+        expected.sort();
+        assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_reset_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let jan = MonthYear {
+            month: 1,
+            year: 1990,
+        };
+        {
+            let mut state = PartitionState::open(dir.path(), 3).unwrap();
+            assert!(!state.is_initialized());
+            state.initialize(0, Aggregates::new(), 0).unwrap();
+            let mut touched = BTreeMap::new();
+            touched.insert(jan, stats(2, 40.5));
+            let fp = Fingerprint::of(6, Some(b"January"), Some(b"x"));
+            state
+                .commit(BatchCommit {
+                    touched,
+                    counted: 2,
+                    duplicates: 1,
+                    malformed: 4,
+                    next_offset: 7,
+                    last_record: Some(fp),
+                })
+                .unwrap();
+            state.set_anchor(fp).unwrap();
+        }
+        let mut state = PartitionState::open_existing(dir.path(), 3).unwrap();
+        let snap = state.snapshot();
+        assert_eq!(snap.next_offset, 7);
+        assert_eq!(snap.aggregates[&jan], stats(2, 40.5));
+        assert_eq!(
+            snap.counters,
+            Counters {
+                counted: 2,
+                duplicates: 1,
+                malformed: 4
+            }
+        );
+        assert_eq!(snap.last_record.unwrap().offset, 6);
+        assert_eq!(snap.anchor, snap.last_record);
+        let reset = state.reset().unwrap();
+        assert_eq!(
+            (reset.next_offset, reset.epoch, reset.aggregates.len()),
+            (0, 1, 0)
+        );
+        drop(state);
+        let state = PartitionState::open_existing(dir.path(), 3).unwrap();
+        assert_eq!(*state.snapshot(), *reset);
+        assert!(state.snapshot().last_record.is_none());
+    }
+
+    #[test]
+    fn a_second_open_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = PartitionState::open(dir.path(), 1).unwrap();
+        let err = PartitionState::open(dir.path(), 1).err().unwrap();
+        assert!(
+            matches!(err, StateError::Locked { partition: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_state_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = PartitionState::open_existing(dir.path(), 0).err().unwrap();
+        assert!(matches!(err, StateError::NoState { partition: 0, .. }));
+        assert_eq!(
+            partitions_in(dir.path()).unwrap(),
+            Vec::<PartitionId>::new()
+        );
+        PartitionState::open(dir.path(), 2)
+            .unwrap()
+            .initialize(0, Aggregates::new(), 0)
+            .unwrap();
+        assert_eq!(partitions_in(dir.path()).unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn fingerprints_are_stable() {
+        // Pinned: a stored fingerprint must mean the same after an upgrade.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,366 @@
+//! Test harness: a real Kafka-protocol broker (tansu, sqlite storage) on a
+//! free loopback port per test, or the broker in KAFKA_BOOTSTRAP_SERVERS;
+//! helpers to run the binaries and to read a topic back as ground truth.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{Datelike, NaiveDate};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, TopicPartitionList};
+use weatherstream::export::parse_partition_json;
+use weatherstream::report;
+
+/// A broker for one test.
+pub struct Broker {
+    pub bootstrap: String,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(bin);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let default = PathBuf::from(home).join(".cache/weatherstream/tansu-0.6.0/bin/tansu");
+    assert!(
+        default.exists(),
+        "no test broker: run scripts/install-tansu.sh (or scripts/test.sh), or set TANSU_BIN or KAFKA_BOOTSTRAP_SERVERS"
+    );
+    default
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+            return Broker {
+                bootstrap,
+                child: None,
+                _dir: None,
+            };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(tansu_bin())
+                .current_dir(dir.path())
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                // sqlite: correct watermarks and mid-batch fetches (the
+                // in-memory engine has neither).
+                .args(["--storage-engine", "sqlite://tansu.db"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("tansu.log")).unwrap())
+                .spawn()
+                .expect("starting tansu");
+            let mut broker = Broker {
+                bootstrap: format!("127.0.0.1:{port}"),
+                child: Some(child),
+                _dir: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Some(status) = broker.child.as_mut().unwrap().try_wait().unwrap() {
+                    eprintln!("tansu exited early ({status}); retrying on another port");
+                    break;
+                }
+                if TcpStream::connect(&broker.bootstrap).is_ok() {
+                    broker._dir = Some(dir);
+                    return broker;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            broker.kill();
+        }
+        panic!("tansu did not start");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        chrono::Utc::now().timestamp_micros() % 1_000_000_000
+    )
+}
+
+pub fn bin(name: &str) -> Command {
+    let path = match name {
+        "producer" => env!("CARGO_BIN_EXE_producer"),
+        "consumer" => env!("CARGO_BIN_EXE_consumer"),
+        "debug" => env!("CARGO_BIN_EXE_debug"),
+        "plot" => env!("CARGO_BIN_EXE_plot"),
+        "demo" => env!("CARGO_BIN_EXE_demo"),
+        other => panic!("no binary {other}"),
+    };
+    let mut cmd = Command::new(path);
+    cmd.env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .env_remove("FILES_DIR");
+    cmd
+}
+
+/// Runs the producer to completion; panics with its output on failure.
+pub fn produce(broker: &Broker, topic: &str, days: u64, seed: u64) -> Output {
+    let out = bin("producer")
+        .args([
+            "--bootstrap-servers",
+            &broker.bootstrap,
+            "--topic",
+            topic,
+            "--delay",
+            "0",
+        ])
+        .args(["--days", &days.to_string(), "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "producer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One record as read back from the topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Reads every partition from offset 0 until `expected` records are read
+/// (watermarks are not trusted: see README), or panics after `timeout`.
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut records = Vec::new();
+    while records.len() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {expected} records",
+            records.len()
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            records.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+            });
+        }
+    }
+    // Anything beyond what was expected shows up within a short grace period.
+    let grace = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < grace {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            panic!(
+                "unexpected extra record at partition {} offset {}",
+                m.partition(),
+                m.offset()
+            );
+        }
+    }
+    records
+}
+
+/// Independently recomputed statistics: partition -> (month, year) -> (count, sum, start, end).
+pub type Expected = BTreeMap<i32, BTreeMap<(u32, i32), (u64, f64, NaiveDate, NaiveDate)>>;
+
+/// Recomputes what the consumer must publish, straight from the records:
+/// in offset order per partition, first occurrence of each date counts.
+pub fn recompute(records: &[Record]) -> Expected {
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut out = Expected::new();
+    for r in sorted {
+        let Ok(valid) = report::validate(r.key.as_deref(), r.value.as_deref()) else {
+            continue;
+        };
+        let month = out.entry(r.partition).or_default();
+        let key = (valid.date.month(), valid.date.year());
+        match month.get_mut(&key) {
+            None => {
+                month.insert(key, (1, valid.degrees, valid.date, valid.date));
+            }
+            Some(s) if valid.date > s.3 => {
+                s.0 += 1;
+                s.1 += valid.degrees;
+                s.3 = valid.date;
+            }
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// Offsets per partition after the last record.
+pub fn end_offsets(records: &[Record]) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for r in records {
+        let e = out.entry(r.partition).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    out
+}
+
+/// Reads partition-N.json; None if missing or (mid-write would be a bug) unparsable.
+pub fn read_partition_file(
+    files: &Path,
+    partition: i32,
+) -> Option<weatherstream::export::PublishedPartition> {
+    let text = std::fs::read_to_string(files.join(format!("partition-{partition}.json"))).ok()?;
+    Some(parse_partition_json(&text).expect("partition file parses"))
+}
+
+/// Asserts that the published files equal the recomputation exactly.
+pub fn assert_files_match(files: &Path, expected: &Expected, partitions: i32) {
+    for p in 0..partitions {
+        let published =
+            read_partition_file(files, p).unwrap_or_else(|| panic!("partition-{p}.json missing"));
+        let want = expected.get(&p).cloned().unwrap_or_default();
+        let got: Vec<_> = published
+            .aggregates
+            .iter()
+            .map(|(k, s)| ((k.month, k.year), s))
+            .collect();
+        assert_eq!(got.len(), want.len(), "partition {p}: month/years differ");
+        for ((key, stats), (wkey, w)) in got.iter().zip(want.iter()) {
+            assert_eq!(key, wkey, "partition {p}");
+            assert_eq!(
+                (stats.count, stats.start, stats.end),
+                (w.0, w.2, w.3),
+                "partition {p} {key:?}"
+            );
+            let rel = ((stats.sum - w.1) / w.1.abs().max(1.0)).abs();
+            assert!(
+                rel < 1e-9,
+                "partition {p} {key:?}: sum {} vs {}",
+                stats.sum,
+                w.1
+            );
+            assert!(
+                stats.avg() < 1000.0,
+                "partition {p} {key:?}: a duplicate was counted"
+            );
+            // Every day from the 1st to `end` is there.
+            assert_eq!(
+                stats.count,
+                u64::from(stats.end.day()),
+                "partition {p} {key:?}"
+            );
+        }
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process whose stderr lines are collected in the background.
+pub struct Running {
+    pub child: Child,
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    pub fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Running { child, stderr }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
