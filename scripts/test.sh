@@ -12,4 +12,4 @@ echo "test broker: $TANSU_BIN ($("$TANSU_BIN" --version))"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked "$@"
+cargo test --locked "$@"

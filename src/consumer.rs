@@ -29,7 +29,7 @@ use rdkafka::TopicPartitionList;
 
 use crate::aggregate::{Aggregates, BatchFold, MonthYear};
 use crate::export::{self, partition_file, Exporter};
-use crate::kafka::{client_config, Offset, PartitionId, TopicAdmin};
+use crate::kafka::{cached_high_watermark, client_config, Offset, PartitionId, TopicAdmin};
 use crate::report;
 use crate::shutdown::Shutdown;
 use crate::state::{BatchCommit, Fingerprint, PartitionState, Snapshot};
@@ -116,8 +116,8 @@ impl Progress {
     }
 }
 
-/// How often a worker asks for the high watermark, for the progress lines.
-const LAG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a worker refreshes its lag, for the progress lines.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Checks partition numbers: at least one, no repeats, none negative.
 pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
@@ -454,13 +454,29 @@ impl RecordProbe {
             Some(false) => return Ok(Probed::Absent),
             Some(true) => {}
         }
-        let mut result = self.read_until(offset, offset)?;
-        if result == Probed::Missing && offset > 0 {
-            // Some brokers (tansu's in-memory engine) only serve batches that
-            // start at or after the fetch offset, so a record in the middle
-            // of a batch is only reachable by reading from before it.
-            result = self.read_until((offset - SCAN_BACK_RECORDS).max(0), offset)?;
-        }
+        let result = match self.read_until(offset, offset)? {
+            (Some(found), _) => found,
+            // Silence. Some brokers (tansu's in-memory engine) only serve
+            // batches that start at or after the fetch offset, so a record
+            // in the middle of a batch is only reached by reading from
+            // before it: do that once.
+            (None, high) if offset > 0 => {
+                match self.read_until((offset - SCAN_BACK_RECORDS).max(0), offset)? {
+                    (Some(found), _) => found,
+                    (None, high_again) => match high_again.or(high) {
+                        // Silence again, past the end the broker reports: a
+                        // non-compacted log never loses a record below its end,
+                        // so the record is gone.
+                        Some(end) if end <= offset => Probed::Missing,
+                        // The broker says it is there, or said nothing: slow;
+                        // ask again later rather than guess.
+                        _ => Probed::Unknown,
+                    },
+                }
+            }
+            (None, Some(end)) if end <= offset => Probed::Missing,
+            (None, _) => Probed::Unknown,
+        };
         log::debug!(
             "probe of partition {} offset {offset}: {result:?}",
             self.partition
@@ -468,44 +484,45 @@ impl RecordProbe {
         Ok(result)
     }
 
-    /// Reads from `from` until the record at `offset` or a verdict.
-    fn read_until(&self, from: Offset, offset: Offset) -> anyhow::Result<Probed> {
+    /// Reads from `from` until the record at `offset` or a verdict (None if
+    /// the broker sent nothing conclusive in time), with the high watermark
+    /// the broker reported meanwhile, if any.
+    fn read_until(
+        &self,
+        from: Offset,
+        offset: Offset,
+    ) -> anyhow::Result<(Option<Probed>, Option<Offset>)> {
         assign(&self.consumer, &self.topic, self.partition, from)?;
         let deadline = Instant::now() + PROBE_TIMEOUT;
         let result = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                // The broker answered metadata but has no record here. Some
-                // brokers (tansu) answer a fetch past the log end with an
-                // empty batch instead of OFFSET_OUT_OF_RANGE, so silence is
-                // the only signal; a record below the log end never goes
-                // missing from a non-compacted topic.
-                break Probed::Missing;
+                break None;
             }
-            match self.consumer.poll(left.min(Duration::from_millis(200))) {
+            let verdict = match self.consumer.poll(left.min(Duration::from_millis(200))) {
                 None => continue,
                 Some(Ok(message)) if message.offset() == offset => {
-                    break Probed::Found(Fingerprint::of(offset, message.key(), message.payload()))
+                    Probed::Found(Fingerprint::of(offset, message.key(), message.payload()))
                 }
-                Some(Ok(message)) if message.offset() > offset => break Probed::Missing,
+                Some(Ok(message)) if message.offset() > offset => Probed::Missing,
                 Some(Ok(_)) => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => break Probed::Missing,
-                Some(Err(e)) if needs_verification(&e) => {
-                    break match e.rdkafka_error_code() {
-                        Some(
-                            RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
-                        ) => Probed::Missing,
-                        _ => Probed::Absent,
-                    }
-                }
+                Some(Err(KafkaError::PartitionEOF(_))) => Probed::Missing,
+                Some(Err(e)) if needs_verification(&e) => match e.rdkafka_error_code() {
+                    Some(
+                        RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
+                    ) => Probed::Missing,
+                    _ => Probed::Absent,
+                },
                 Some(Err(e)) => {
                     log::debug!("probe of partition {} offset {offset}: {e}", self.partition);
                     continue;
                 }
-            }
+            };
+            break Some(verdict);
         };
+        let high = cached_high_watermark(&self.consumer, &self.topic, self.partition);
         self.consumer.unassign().context("unassigning the probe")?;
-        Ok(result)
+        Ok((result, high))
     }
 }
 
@@ -707,12 +724,9 @@ impl PartitionWorker {
         Ok(Verdict::Current)
     }
 
-    /// Asks the broker for the high watermark (a network round trip, so
-    /// only every [`LAG_INTERVAL`]).
+    /// Updates the lag from the watermark of the last fetch response.
     fn refresh_lag(&self, consumer: &BaseConsumer) {
-        let watermarks =
-            consumer.fetch_watermarks(&self.config.topic, self.partition(), Duration::from_secs(1));
-        if let Ok((_, high)) = watermarks {
+        if let Some(high) = cached_high_watermark(consumer, &self.config.topic, self.partition()) {
             let next = self.progress.next_offset.load(Ordering::Relaxed);
             self.progress
                 .lag

@@ -5,12 +5,14 @@
 //! deadlines instead of fixed sleeps.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use futures_executor::block_on;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use thiserror::Error;
 
@@ -57,6 +59,22 @@ pub enum AdminError {
     },
 }
 
+/// How often `recreate_topic` tries before giving up.
+const RECREATE_ATTEMPTS: u32 = 6;
+
+/// Create-topic errors that no retry can fix.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::PolicyViolation
+    )
+}
+
 /// A client configuration for `bootstrap_servers` with the settings every
 /// client of ours shares.
 pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
@@ -76,6 +94,33 @@ pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
         config.set("debug", contexts);
     }
     config
+}
+
+/// The high watermark librdkafka cached from its last fetch response for a
+/// partition this consumer fetches. Sends no request: ListOffsets against a
+/// topic that is being deleted can take down some brokers (tansu 0.6's
+/// sqlite engine panics), and a cached value is all a lag line needs.
+pub fn cached_high_watermark<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: PartitionId,
+) -> Option<Offset> {
+    let topic = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the topic
+    // is a NUL-terminated string that outlives the call; low and high are
+    // valid out-pointers. The function only reads librdkafka's cache.
+    let code = unsafe {
+        rdkafka_sys::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (code == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 /// Topic administration over one admin connection.
@@ -212,22 +257,47 @@ impl TopicAdmin {
         let timeout = Duration::from_secs(30);
         let wanted = usize::try_from(partitions).unwrap_or(0);
         // A client that asks for the topic between our delete and create can
-        // make an auto-creating broker create it with its defaults: retry.
-        for _attempt in 0..5 {
+        // make an auto-creating broker create it with its defaults, and a
+        // broker still finishing the delete may refuse the create: retry.
+        let mut last_error = None;
+        for attempt in 0..RECREATE_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 * attempt as u64));
+            }
             if self.delete_topic(topic)? {
                 log::info!("deleted topic {topic:?}");
             } else {
                 log::info!("topic {topic:?} did not exist");
             }
             self.wait_for(topic, "deletion", timeout, |count| count.is_none())?;
-            if self.create_topic(topic, partitions, replication_factor)? {
-                self.wait_for(topic, "creation", timeout, |count| count == Some(wanted))?;
-                log::info!(
-                    "created topic {topic:?} with {partitions} partitions, replication factor {replication_factor}"
-                );
-                return Ok(());
+            match self.create_topic(topic, partitions, replication_factor) {
+                Ok(true) => {
+                    self.wait_for(topic, "creation", timeout, |count| count == Some(wanted))?;
+                    log::info!(
+                        "created topic {topic:?} with {partitions} partitions, replication factor {replication_factor}"
+                    );
+                    return Ok(());
+                }
+                Ok(false) => {
+                    log::warn!(
+                        "topic {topic:?} re-appeared before it could be created; deleting again"
+                    )
+                }
+                Err(AdminError::TopicOperation { code, .. }) if is_permanent(code) => {
+                    return Err(AdminError::TopicOperation {
+                        action: "creating",
+                        topic: topic.into(),
+                        code,
+                    })
+                }
+                Err(error) => {
+                    log::warn!("creating topic {topic:?} failed ({error}); trying again");
+                    last_error = Some(error);
+                }
             }
-            log::warn!("topic {topic:?} re-appeared before it could be created; deleting again");
+        }
+        if let Some(error) = last_error {
+            return Err(error);
         }
         Err(AdminError::Timeout {
             topic: topic.into(),

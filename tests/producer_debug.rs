@@ -11,7 +11,6 @@ use chrono::{Datelike, NaiveDate};
 use common::*;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
-use weatherstream::generator::WeatherGenerator;
 use weatherstream::kafka::TopicAdmin;
 use weatherstream::report;
 
@@ -47,17 +46,6 @@ fn murmur2(data: &[u8]) -> u32 {
 
 fn murmur2_partition(key: &str, partitions: u32) -> i32 {
     ((murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions) as i32
-}
-
-/// How many reports the producer sends for `days` with `seed`.
-fn reports_for(days: u64, seed: u64) -> usize {
-    let mut gen = WeatherGenerator::new(Some(seed));
-    let mut n = 0;
-    while gen.days_generated() < days {
-        gen.next();
-        n += 1;
-    }
-    n
 }
 
 #[test]

@@ -46,8 +46,23 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// tansu's storage engine for a test.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Storage {
+    /// Correct watermarks and mid-batch fetches; but tansu 0.6 panics when a
+    /// partition is fetched while its topic is deleted.
+    Sqlite,
+    /// Survives topic deletion under running consumers; under-reports high
+    /// watermarks and serves only batches starting at or after the fetch offset.
+    Memory,
+}
+
 impl Broker {
     pub fn start() -> Broker {
+        Self::start_with(Storage::Sqlite)
+    }
+
+    pub fn start_with(storage: Storage) -> Broker {
         if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
             return Broker {
                 bootstrap,
@@ -68,9 +83,10 @@ impl Broker {
                     "--advertised-listener-url",
                     &url,
                 ])
-                // sqlite: correct watermarks and mid-batch fetches (the
-                // in-memory engine has neither).
-                .args(["--storage-engine", "sqlite://tansu.db"])
+                .args(match storage {
+                    Storage::Sqlite => &["--storage-engine", "sqlite://tansu.db"][..],
+                    Storage::Memory => &[],
+                })
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.path().join("tansu.log")).unwrap())
                 .spawn()
@@ -108,6 +124,16 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            if let Some(dir) = &self._dir {
+                let log = std::fs::read_to_string(dir.path().join("tansu.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- last lines of the test broker's log ---");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 
@@ -137,6 +163,34 @@ pub fn bin(name: &str) -> Command {
     cmd
 }
 
+/// Starts a paced producer and returns once it has (re-)created the topic,
+/// so that no consumer fetches while the topic is being deleted.
+pub fn start_paced_producer(
+    broker: &Broker,
+    topic: &str,
+    days: u64,
+    seed: u64,
+    delay: &str,
+) -> Running {
+    let mut cmd = bin("producer");
+    cmd.args([
+        "--bootstrap-servers",
+        &broker.bootstrap,
+        "--topic",
+        topic,
+        "--delay",
+        delay,
+    ])
+    .args(["--days", &days.to_string(), "--seed", &seed.to_string()]);
+    let producer = Running::spawn(cmd);
+    wait_until(
+        "the producer to create the topic",
+        Duration::from_secs(60),
+        || producer.stderr_text().contains("created topic"),
+    );
+    producer
+}
+
 /// Runs the producer to completion; panics with its output on failure.
 pub fn produce(broker: &Broker, topic: &str, days: u64, seed: u64) -> Output {
     let out = bin("producer")
@@ -157,6 +211,64 @@ pub fn produce(broker: &Broker, topic: &str, days: u64, seed: u64) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// How many reports the producer sends for `days` with `seed`.
+pub fn reports_for(days: u64, seed: u64) -> usize {
+    let mut gen = weatherstream::generator::WeatherGenerator::new(Some(seed));
+    let mut n = 0;
+    while gen.days_generated() < days {
+        gen.next();
+        n += 1;
+    }
+    n
+}
+
+/// Starts `consumer PARTITIONS...` on `files` (state in files/state).
+pub fn start_consumer(broker: &Broker, topic: &str, files: &Path, partitions: &[i32]) -> Running {
+    let mut cmd = bin("consumer");
+    cmd.args([
+        "--bootstrap-servers",
+        &broker.bootstrap,
+        "--topic",
+        topic,
+        "--quiet",
+    ])
+    .arg("--files")
+    .arg(files)
+    .args(partitions.iter().map(|p| p.to_string()));
+    Running::spawn(cmd)
+}
+
+/// Waits until every partition file shows its end offset.
+pub fn wait_for_offsets(
+    files: &Path,
+    ends: &BTreeMap<i32, i64>,
+    partitions: i32,
+    timeout: Duration,
+) {
+    wait_until(
+        "partition files to reach the end of the topic",
+        timeout,
+        || {
+            (0..partitions).all(|p| {
+                let want = ends.get(&p).copied().unwrap_or(0);
+                read_partition_file(files, p).is_some_and(|f| f.offset == want)
+            })
+        },
+    );
+}
+
+/// Runs the producer for `days` with `seed` and reads the topic back.
+pub fn produce_and_read(broker: &Broker, topic: &str, days: u64, seed: u64) -> Vec<Record> {
+    produce(broker, topic, days, seed);
+    read_topic(
+        &broker.bootstrap,
+        topic,
+        4,
+        reports_for(days, seed),
+        Duration::from_secs(120),
+    )
 }
 
 /// One record as read back from the topic.
@@ -362,5 +474,19 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let lines = self.stderr.lock().unwrap();
+            eprintln!("--- last stderr lines of child {} ---", self.child.id());
+            for line in lines
+                .iter()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                eprintln!("{line}");
+            }
+        }
     }
 }
