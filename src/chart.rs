@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::aggregate::Aggregates;
 use crate::atomic_file;
@@ -89,6 +90,8 @@ pub fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
             chart
                 .configure_mesh()
                 .disable_x_mesh()
+                .light_line_style(WHITE)
+                .label_style(("sans-serif", 14))
                 .y_desc("Avg. Max Temperature")
                 .x_labels(bars.len())
                 .x_label_formatter(&|x| match x {
@@ -113,7 +116,10 @@ pub fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
                 Text::new(
                     format!("{:.2}", bar.avg),
                     (SegmentValue::CenterOf(i), bar.avg),
-                    ("sans-serif", 16).into_font().color(&BLACK),
+                    ("sans-serif", 16)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
                 )
             }))?;
         }

@@ -229,8 +229,8 @@ fn write_table(out: &mut dyn Write, d: &Value) -> std::io::Result<()> {
             out,
             "  {:<10} {:>5} {:>6} {:>10.4}  {:<10}  {:<10}",
             text(&m["month"]),
-            m["year"],
-            m["count"],
+            m["year"].as_i64().unwrap_or_default(),
+            m["count"].as_u64().unwrap_or_default(),
             m["avg"].as_f64().unwrap_or(f64::NAN),
             text(&m["start"]),
             text(&m["end"])

@@ -464,6 +464,12 @@ impl Running {
         self.child.wait().unwrap()
     }
 
+    /// SIGINT (Ctrl-C), then waits; returns the exit status.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait().unwrap()
+    }
+
     pub fn kill9(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
