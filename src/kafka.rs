@@ -87,7 +87,9 @@ pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
     // librdkafka prints some clients' logs (the admin client's) straight to
     // stderr; when its log target is off, so is that.
     if !log::log_enabled!(target: "librdkafka", log::Level::Error) {
-        config.set_log_level(RDKafkaLogLevel::Emerg);
+        config
+            .set("log_level", "0")
+            .set_log_level(RDKafkaLogLevel::Emerg);
     }
     // librdkafka's own debug contexts (e.g. "metadata,fetch"), for diagnosis.
     if let Ok(contexts) = std::env::var(RDKAFKA_DEBUG_ENV) {

@@ -12,6 +12,7 @@ pub mod chart;
 pub mod cli;
 pub mod consumer;
 pub mod debug;
+pub mod demo;
 pub mod export;
 pub mod generator;
 pub mod kafka;

@@ -35,6 +35,11 @@ pub struct ProducerConfig {
     pub seed: Option<u64>,
     /// Delete and re-create the topic first (the assignment's behaviour).
     pub recreate_topic: bool,
+    /// Advance the generator by this many days without sending (continue a
+    /// seeded stream where an earlier run stopped).
+    pub skip_days: u64,
+    /// Print the topic list on stdout at start-up, as the assignment does.
+    pub print_topics: bool,
 }
 
 /// Counts of one run.
@@ -149,12 +154,17 @@ pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<Produ
     } else if admin.partition_count(&config.topic)?.is_none() {
         admin.create_topic(&config.topic, config.partitions, config.replication_factor)?;
     }
-    let topics = admin.topics()?;
-    println!("Topics: {:?}", topics.keys().collect::<Vec<_>>());
+    if config.print_topics {
+        let topics = admin.topics()?;
+        println!("Topics: {:?}", topics.keys().collect::<Vec<_>>());
+    }
     drop(admin);
 
     let sender = ReportSender::new(&config.bootstrap_servers, &config.topic)?;
     let mut generator = WeatherGenerator::new(config.seed);
+    while generator.days_generated() < config.skip_days {
+        generator.next();
+    }
     let mut sent = 0u64;
     let mut next_due = Instant::now();
     let mut last_progress = Instant::now();

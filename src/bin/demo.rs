@@ -1,4 +1,62 @@
-fn main() {
-    eprintln!("demo: not implemented yet");
-    std::process::exit(1);
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use weatherstream::demo::{self, DemoConfig};
+use weatherstream::{cli, shutdown::Shutdown};
+
+/// The whole pipeline in one process: an embedded in-memory Kafka broker,
+/// the producer, consumers for all 4 partitions and the exporter, writing
+/// partition-N.json and month.svg. A second run continues where the first
+/// stopped.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Use this Kafka broker instead of the embedded one
+    #[arg(long, env = weatherstream::kafka::BOOTSTRAP_ENV)]
+    bootstrap_servers: Option<String>,
+    /// Folder of partition-N.json, month.svg and the state
+    #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
+    files_dir: PathBuf,
+    /// Simulated days to add in this run (default: 20 years)
+    #[arg(long, default_value_t = 7300, value_parser = clap::value_parser!(u64).range(1..))]
+    days: u64,
+    /// Seconds between reports (0: as fast as possible)
+    #[arg(long, default_value_t = 0.0)]
+    delay: f64,
+    /// After --days, go on at one day per 0.1 s until Ctrl-C
+    #[arg(long)]
+    follow: bool,
+    /// Forget earlier runs' state and files first
+    #[arg(long)]
+    fresh: bool,
+    /// Seed of the weather stream [default: 1990, or the earlier runs' seed]
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging();
+    if !(args.delay.is_finite() && (0.0..=3600.0).contains(&args.delay)) {
+        clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            "--delay must be between 0 and 3600 seconds\n",
+        )
+        .exit();
+    }
+    let config = DemoConfig {
+        bootstrap_servers: args.bootstrap_servers,
+        files_dir: args.files_dir,
+        days: args.days,
+        delay: Duration::from_secs_f64(args.delay),
+        follow: args.follow,
+        fresh: args.fresh,
+        seed: args.seed,
+    };
+    let result = Shutdown::install()
+        .map_err(anyhow::Error::from)
+        .and_then(|shutdown| demo::run(&config, &shutdown));
+    cli::finish("demo", result)
 }

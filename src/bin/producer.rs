@@ -59,6 +59,8 @@ fn main() -> ExitCode {
         days: args.days,
         seed: args.seed,
         recreate_topic: true,
+        skip_days: 0,
+        print_topics: true,
     };
     let result = Shutdown::install()
         .map_err(anyhow::Error::from)
