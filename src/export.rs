@@ -12,14 +12,16 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use serde_json::{json, Map, Value};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::Value;
 use thiserror::Error;
 
 use crate::aggregate::{Aggregates, MonthStats, MonthYear};
 use crate::atomic_file;
 use crate::chart;
 use crate::kafka::{Offset, PartitionId};
-use crate::report::{month_name, month_number, DATE_FORMAT};
+use crate::report::{month_name, month_number, DateText, DATE_FORMAT};
 use crate::state::Snapshot;
 
 /// Path of a partition's published file.
@@ -28,36 +30,72 @@ pub fn partition_file(files_dir: &Path, partition: PartitionId) -> PathBuf {
 }
 
 /// The assignment's JSON: partition, offset, then month -> year -> stats,
-/// months in calendar order and years ascending.
+/// months in calendar order and years ascending. Serialized straight from
+/// the statistics (no intermediate JSON tree: this runs on every publish).
 pub fn partition_json(
     partition: PartitionId,
     next_offset: Offset,
     aggregates: &Aggregates,
 ) -> String {
-    let mut top = Map::new();
-    top.insert("partition".into(), json!(partition));
-    top.insert("offset".into(), json!(next_offset));
-    for (key, stats) in aggregates {
-        let month = top
-            .entry(month_name(key.month))
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(years) = month {
-            years.insert(
-                key.year.to_string(),
-                json!({
-                    "count": stats.count,
-                    "sum": stats.sum,
-                    "avg": stats.avg(),
-                    "start": stats.start.format(DATE_FORMAT).to_string(),
-                    "end": stats.end.format(DATE_FORMAT).to_string(),
-                }),
-            );
-        }
-    }
-    let mut text =
-        serde_json::to_string_pretty(&Value::Object(top)).expect("JSON values serialize");
+    let view = PartitionView {
+        partition,
+        next_offset,
+        aggregates,
+    };
+    let mut text = serde_json::to_string_pretty(&view).expect("statistics serialize");
     text.push('\n');
     text
+}
+
+struct PartitionView<'a> {
+    partition: PartitionId,
+    next_offset: Offset,
+    aggregates: &'a Aggregates,
+}
+
+impl Serialize for PartitionView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut top = serializer.serialize_map(None)?;
+        top.serialize_entry("partition", &self.partition)?;
+        top.serialize_entry("offset", &self.next_offset)?;
+        let mut entries = self.aggregates.iter().peekable();
+        while let Some((key, _)) = entries.peek() {
+            let month = key.month;
+            let mut years = Vec::new();
+            while let Some((key, stats)) = entries.next_if(|(k, _)| k.month == month) {
+                years.push((key.year, *stats));
+            }
+            top.serialize_entry(month_name(month), &YearsView(&years))?;
+        }
+        top.end()
+    }
+}
+
+struct YearsView<'a>(&'a [(i32, MonthStats)]);
+
+impl Serialize for YearsView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut years = serializer.serialize_map(Some(self.0.len()))?;
+        for (year, stats) in self.0 {
+            years.serialize_entry(&year.to_string(), &StatsView(stats))?;
+        }
+        years.end()
+    }
+}
+
+struct StatsView<'a>(&'a MonthStats);
+
+impl Serialize for StatsView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let s = self.0;
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("count", &s.count)?;
+        map.serialize_entry("sum", &s.sum)?;
+        map.serialize_entry("avg", &s.avg())?;
+        map.serialize_entry("start", DateText::new(s.start).as_str())?;
+        map.serialize_entry("end", DateText::new(s.end).as_str())?;
+        map.end()
+    }
 }
 
 /// A parsed partition-N.json.
@@ -160,6 +198,11 @@ pub fn publish(files_dir: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
 const CHART_INTERVAL: Duration = Duration::from_secs(1);
 /// Wait before retrying a publish that failed.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Minimum time between two publishes of one partition: under load, commits
+/// come faster than anyone reads, and each publish costs a render and two
+/// fsyncs; newer snapshots replace a waiting one. Well under the ~100 ms a
+/// dashboard may lag, and never reached at the assignment's pace.
+const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
 
 /// The exporter thread and the sending side of its channel.
 pub struct Exporter {
@@ -212,7 +255,9 @@ struct ExportLoop {
     render_chart: bool,
     /// (epoch, offset) last written per partition: never go back.
     published: BTreeMap<PartitionId, (u64, Offset)>,
-    pending: BTreeMap<PartitionId, Arc<Snapshot>>,
+    /// Snapshots waiting to be written, each with when it may be.
+    pending: BTreeMap<PartitionId, (Arc<Snapshot>, Instant)>,
+    last_publish: BTreeMap<PartitionId, Instant>,
     chart_due: bool,
     last_chart: Option<Instant>,
     last_error_log: Option<Instant>,
@@ -225,6 +270,7 @@ impl ExportLoop {
             render_chart,
             published: BTreeMap::new(),
             pending: BTreeMap::new(),
+            last_publish: BTreeMap::new(),
             chart_due: false,
             last_chart: None,
             last_error_log: None,
@@ -246,18 +292,20 @@ impl ExportLoop {
             while let Ok(snapshot) = receiver.try_recv() {
                 self.accept(snapshot);
             }
-            self.publish_pending();
+            self.publish_due(false);
             self.maybe_render_chart(false);
         }
-        self.publish_pending();
+        self.publish_due(true);
         self.maybe_render_chart(true);
     }
 
     fn next_wakeup(&self) -> Option<Duration> {
-        let mut wake: Option<Duration> = None;
-        if !self.pending.is_empty() {
-            wake = Some(RETRY_INTERVAL);
-        }
+        let now = Instant::now();
+        let mut wake: Option<Duration> = self
+            .pending
+            .values()
+            .map(|(_, due)| due.saturating_duration_since(now))
+            .min();
         if self.chart_due {
             let left = self.last_chart.map_or(Duration::ZERO, |t| {
                 CHART_INTERVAL.saturating_sub(t.elapsed())
@@ -275,21 +323,35 @@ impl ExportLoop {
                 return;
             }
         }
-        match self.pending.get(&partition) {
-            Some(queued) if !newer(&snapshot, (queued.epoch, queued.next_offset)) => {}
-            _ => {
-                self.pending.insert(partition, snapshot);
-            }
-        }
+        let due = match self.pending.get(&partition) {
+            Some((queued, _)) if !newer(&snapshot, (queued.epoch, queued.next_offset)) => return,
+            Some((_, due)) => *due,
+            None => self
+                .last_publish
+                .get(&partition)
+                .map_or_else(Instant::now, |t| *t + MIN_PUBLISH_INTERVAL),
+        };
+        self.pending.insert(partition, (snapshot, due));
     }
 
-    fn publish_pending(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        for (partition, snapshot) in pending {
+    /// Writes pending snapshots that are due (all of them when `all`).
+    fn publish_due(&mut self, all: bool) {
+        let now = Instant::now();
+        let due: Vec<PartitionId> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, at))| all || *at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in due {
+            let Some((snapshot, _)) = self.pending.remove(&partition) else {
+                continue;
+            };
             match publish(&self.files_dir, &snapshot) {
                 Ok(()) => {
                     self.published
                         .insert(partition, (snapshot.epoch, snapshot.next_offset));
+                    self.last_publish.insert(partition, Instant::now());
                     self.chart_due = self.render_chart;
                 }
                 Err(error) => {
@@ -303,7 +365,8 @@ impl ExportLoop {
                             partition_file(&self.files_dir, partition).display()
                         );
                     }
-                    self.pending.insert(partition, snapshot);
+                    self.pending
+                        .insert(partition, (snapshot, Instant::now() + RETRY_INTERVAL));
                 }
             }
         }
@@ -417,7 +480,7 @@ mod tests {
     fn empty_partition_is_partition_and_offset_only() {
         let text = partition_json(0, 0, &Aggregates::new());
         let value: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value, json!({"partition": 0, "offset": 0}));
+        assert_eq!(value, serde_json::json!({"partition": 0, "offset": 0}));
     }
 
     #[test]
@@ -479,14 +542,14 @@ mod tests {
         };
         exporter.accept(snap(0, 10));
         exporter.accept(snap(0, 5));
-        exporter.publish_pending();
+        exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 10);
         exporter.accept(snap(0, 7));
-        exporter.publish_pending();
+        exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 10);
         // A reset (new epoch) may go back to 0.
         exporter.accept(snap(1, 0));
-        exporter.publish_pending();
+        exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 0);
     }
 
@@ -505,10 +568,10 @@ mod tests {
             anchor: None,
             last_commit_unix_ms: None,
         }));
-        exporter.publish_pending();
+        exporter.publish_due(true);
         assert_eq!(exporter.pending.len(), 1);
         std::fs::create_dir(&missing).unwrap();
-        exporter.publish_pending();
+        exporter.publish_due(true);
         assert!(exporter.pending.is_empty());
         assert!(partition_file(&missing, 3).exists());
     }

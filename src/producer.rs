@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _};
 use chrono::NaiveDate;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
@@ -66,16 +67,25 @@ struct DeliveryReporter {
 impl ClientContext for DeliveryReporter {}
 
 impl ProducerContext for DeliveryReporter {
-    type DeliveryOpaque = Box<NaiveDate>;
+    // No per-message opaque: a failed report's date is read back from its
+    // payload, which saves an allocation per report.
+    type DeliveryOpaque = ();
 
-    fn delivery(&self, result: &DeliveryResult<'_>, date: Self::DeliveryOpaque) {
+    fn delivery(&self, result: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {
         match result {
             Ok(_) => {
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            Err((error, _)) => {
+            Err((error, message)) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                eprintln!("producer: report for {date} was not delivered: {error}");
+                let date = message
+                    .payload()
+                    .and_then(|p| report::decode(p).ok())
+                    .map_or_else(
+                        || "an undecodable report".to_string(),
+                        |r| format!("report for {}", r.date),
+                    );
+                eprintln!("producer: {date} was not delivered: {error}");
             }
         }
     }
@@ -121,9 +131,7 @@ impl ReportSender {
     pub fn send(&self, date: NaiveDate, degrees: f64) -> anyhow::Result<()> {
         let key = report::key_for(date);
         let value = report::encode(date, degrees);
-        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(date))
-            .key(key)
-            .payload(&value);
+        let mut record = BaseRecord::to(&self.topic).key(key).payload(&value);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -178,7 +186,7 @@ pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<Produ
         let Some(obs) = generator.next() else { break };
         sender.send(obs.date, obs.degrees)?;
         sent += 1;
-        if last_progress.elapsed() >= Duration::from_secs(10) {
+        if sent % 1024 == 0 && last_progress.elapsed() >= Duration::from_secs(10) {
             last_progress = Instant::now();
             log::info!(
                 "sent {sent} reports ({} days, up to {})",

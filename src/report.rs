@@ -49,13 +49,64 @@ pub fn key_for(date: NaiveDate) -> &'static str {
     month_name(date.month())
 }
 
+/// A date as `YYYY-MM-DD` text, without allocating: chrono's general
+/// formatter is measurably slow on the hot paths (encode, publish).
+#[derive(Clone, Copy)]
+pub struct DateText([u8; 10]);
+
+impl DateText {
+    /// Years 0..=9999 (the format has four digits); others are clamped.
+    pub fn new(date: NaiveDate) -> Self {
+        let year = date.year().clamp(0, 9999) as u32;
+        let mut b = *b"0000-00-00";
+        for (i, value) in [
+            (0, year / 100),
+            (2, year % 100),
+            (5, date.month()),
+            (8, date.day()),
+        ] {
+            b[i] = b'0' + (value / 10) as u8;
+            b[i + 1] = b'0' + (value % 10) as u8;
+        }
+        DateText(b)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and dashes are ever written.
+        std::str::from_utf8(&self.0).unwrap_or("0000-00-00")
+    }
+}
+
+impl std::fmt::Display for DateText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Encodes a report as the message value.
 pub fn encode(date: NaiveDate, degrees: f64) -> Vec<u8> {
     Report {
-        date: date.format(DATE_FORMAT).to_string(),
+        date: DateText::new(date).as_str().to_owned(),
         degrees,
     }
     .encode_to_vec()
+}
+
+/// Parses exactly `YYYY-MM-DD` (four-digit year, two-digit month and day).
+/// Hand-written because it runs once per message: chrono's parser plus a
+/// re-format to reject `1990-1-5` cost several times more.
+pub fn parse_date(text: &str) -> Option<NaiveDate> {
+    let b = text.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let number = |digits: &[u8]| {
+        digits.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let year = i32::try_from(number(&b[0..4])?).ok()?;
+    NaiveDate::from_ymd_opt(year, number(&b[5..7])?, number(&b[8..10])?)
 }
 
 /// A message that passed every check.
@@ -90,10 +141,7 @@ pub fn decode(value: &[u8]) -> Result<Report, Malformed> {
 /// parses, the key names that date's month, and degrees are finite.
 pub fn validate(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<ValidReport, Malformed> {
     let report = decode(value.ok_or(Malformed::NoValue)?)?;
-    let date = NaiveDate::parse_from_str(&report.date, DATE_FORMAT)
-        .ok()
-        .filter(|d| d.format(DATE_FORMAT).to_string() == report.date)
-        .ok_or_else(|| Malformed::BadDate(report.date.clone()))?;
+    let date = parse_date(&report.date).ok_or_else(|| Malformed::BadDate(report.date.clone()))?;
     let expected = key_for(date).as_bytes();
     if key != Some(expected) {
         return Err(Malformed::KeyMismatch {
@@ -124,6 +172,38 @@ mod tests {
         let r = validate(Some(b"December"), Some(&value)).unwrap();
         assert_eq!(r.date, d(2000, 12, 26));
         assert_eq!(r.degrees, 31.5235);
+    }
+
+    #[test]
+    fn date_text_matches_chrono() {
+        let mut date = d(1, 1, 1);
+        while date < d(9999, 12, 31) {
+            assert_eq!(
+                DateText::new(date).to_string(),
+                date.format(DATE_FORMAT).to_string()
+            );
+            date = date + chrono::Days::new(997);
+        }
+        assert_eq!(DateText::new(d(2000, 12, 26)).as_str(), "2000-12-26");
+    }
+
+    #[test]
+    fn dates_parse_strictly() {
+        assert_eq!(parse_date("2000-02-29"), Some(d(2000, 2, 29)));
+        assert_eq!(parse_date("0001-01-01"), Some(d(1, 1, 1)));
+        for bad in [
+            "1990-1-5",
+            "1990-01-5",
+            "1990/01/05",
+            "1990-02-30",
+            "1990-00-10",
+            "+990-01-01",
+            "19900-1-01",
+            "",
+            "1990-01-05 ",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,515 @@
+//! `cargo bench`: speed of the pipeline, each figure next to a baseline
+//! measured in the same run on the same broker and machine.
+//!
+//! Sections (all by default; name some to run only those:
+//! `cargo bench -- fold producer catchup freshness`):
+//! - fold: decode + dedup + fold + sled commit in process, batch sizes 1,
+//!   100 and 10,000, against decode + fold without persistence; the
+//!   exporter's cost per publish against rendering alone.
+//! - producer: the producer (generator, protobuf, production settings)
+//!   against a raw librdkafka producer sending payloads of the same size
+//!   with the same settings.
+//! - catchup: the consumer on 4 partitions from empty state until every
+//!   report is committed and published, against a raw librdkafka consumer
+//!   that only touches each payload; wall time, CPU per report, peak RSS.
+//! - freshness: at the assignment's pace (0.1 s per day), the time from a
+//!   report's send to its appearance in partition-N.json, against the time
+//!   to a raw consumer's receipt of the same reports.
+//!
+//! Sizes: BENCH_REPORTS (default 1,000,000), BENCH_FRESHNESS_SECS (60).
+//! The broker: tansu started here (as the tests start it), or
+//! KAFKA_BOOTSTRAP_SERVERS.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use weatherstream::aggregate::{Aggregates, BatchFold};
+use weatherstream::generator::WeatherGenerator;
+use weatherstream::kafka::TopicAdmin;
+use weatherstream::producer::{production_settings, ProducerConfig, ReportSender};
+use weatherstream::report::{self, MONTH_NAMES};
+use weatherstream::shutdown::Shutdown;
+use weatherstream::state::{BatchCommit, PartitionState};
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// User + system CPU seconds of this process so far.
+fn own_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// User + system CPU seconds of a child process so far (from /proc).
+fn child_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of /proc/PID/stat; index from after "(name)" state.
+    (field(11) + field(12)) / ticks
+}
+
+/// Peak resident set of a child process, in MiB.
+fn child_peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+/// Distinct days that make about `reports` reports with seed 1.
+fn days_for(reports: u64) -> u64 {
+    let mut gen = WeatherGenerator::new(Some(1));
+    let mut sent = 0;
+    while sent < reports {
+        gen.next();
+        sent += 1;
+    }
+    gen.days_generated()
+}
+
+fn main() {
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
+    println!("machine: {}", machine());
+    if want("fold") {
+        bench_fold();
+    }
+    if !(want("producer") || want("catchup") || want("freshness")) {
+        return;
+    }
+    // The in-memory engine: the sqlite engine serves a fetch from a large
+    // partition in seconds and saturates under several clients, which would
+    // measure the broker, not us. Nothing here restarts mid-batch, where the
+    // in-memory engine's fetch quirk would matter.
+    let broker = Broker::start_with(Storage::Memory);
+    println!(
+        "broker: {}",
+        if std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok() {
+            "KAFKA_BOOTSTRAP_SERVERS"
+        } else {
+            "tansu 0.6.0, in-memory storage, loopback"
+        }
+    );
+    let reports = env_number("BENCH_REPORTS", 1_000_000);
+    if want("producer") || want("catchup") {
+        let topic = bench_producer(&broker, reports);
+        if want("catchup") {
+            bench_catchup(&broker, &topic);
+        }
+    }
+    if want("freshness") {
+        bench_freshness(&broker, env_number("BENCH_FRESHNESS_SECS", 60));
+    }
+}
+
+fn encoded_reports(n: usize) -> Vec<(&'static str, Vec<u8>)> {
+    WeatherGenerator::new(Some(3))
+        .take(n)
+        .map(|o| (report::key_for(o.date), report::encode(o.date, o.degrees)))
+        .collect()
+}
+
+fn bench_fold() {
+    println!("\n== fold: decode + dedup + fold + sled commit, in process ==");
+    let all = encoded_reports(1_000_000);
+    // Baseline: the same work without persistence.
+    let started = Instant::now();
+    let empty = Aggregates::new();
+    let mut fold = BatchFold::new(&empty);
+    for (key, value) in &all {
+        if let Ok(valid) = report::validate(Some(key.as_bytes()), Some(value)) {
+            fold.add(&valid);
+        }
+    }
+    let baseline = all.len() as f64 / started.elapsed().as_secs_f64();
+    println!("  baseline decode + validate + fold (no sled): {baseline:>12.0} reports/s");
+    for (batch, count) in [(1usize, 2_000usize), (100, 200_000), (10_000, 1_000_000)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = PartitionState::open(dir.path(), 0).unwrap();
+        state.initialize(0, Aggregates::new(), 0).unwrap();
+        let started = Instant::now();
+        let mut next_offset = 0;
+        for chunk in all[..count].chunks(batch) {
+            let snapshot = state.snapshot();
+            let mut fold = BatchFold::new(&snapshot.aggregates);
+            let mut malformed = 0;
+            for (key, value) in chunk {
+                match report::validate(Some(key.as_bytes()), Some(value)) {
+                    Ok(valid) => {
+                        fold.add(&valid);
+                    }
+                    Err(_) => malformed += 1,
+                }
+            }
+            next_offset += chunk.len() as i64;
+            let (counted, duplicates) = (fold.counted, fold.duplicates);
+            state
+                .commit(BatchCommit {
+                    touched: fold.into_touched(),
+                    counted,
+                    duplicates,
+                    malformed,
+                    next_offset,
+                    last_record: None,
+                })
+                .unwrap();
+        }
+        let rate = count as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "  batch {batch:>6}: {rate:>12.0} reports/s  ({:.3} of baseline; {count} reports)",
+            rate / baseline
+        );
+    }
+    // The exporter's cost per publish, for a 20-year partition.
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = PartitionState::open(dir.path(), 0).unwrap();
+    state.initialize(0, Aggregates::new(), 0).unwrap();
+    let mut fold_all = BatchFold::new(&empty);
+    for (key, value) in all.iter().take(7_700) {
+        if let Ok(valid) = report::validate(Some(key.as_bytes()), Some(value)) {
+            fold_all.add(&valid);
+        }
+    }
+    let snapshot = state
+        .commit(BatchCommit {
+            touched: fold_all.into_touched(),
+            next_offset: 7_700,
+            ..Default::default()
+        })
+        .unwrap();
+    let rounds = 200;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(weatherstream::export::partition_json(
+            0,
+            snapshot.next_offset,
+            &snapshot.aggregates,
+        ));
+    }
+    let render = started.elapsed().as_secs_f64() / rounds as f64;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        weatherstream::export::publish(dir.path(), &snapshot).unwrap();
+    }
+    let publish = started.elapsed().as_secs_f64() / rounds as f64;
+    println!(
+        "  exporter, 20-year partition ({} month/years): render {:.0} us, atomic publish (render + fsync + rename + fsync dir) {:.0} us = {:.1}x render",
+        snapshot.aggregates.len(),
+        render * 1e6,
+        publish * 1e6,
+        publish / render
+    );
+}
+
+/// Produces `reports` with the producer and with a raw producer; returns
+/// the producer's topic, which the catch-up section reads.
+fn bench_producer(broker: &Broker, reports: u64) -> String {
+    println!("\n== producer: {reports} reports, --delay 0, acks=all + idempotence ==");
+    let days = days_for(reports);
+    let topic = unique_topic("bench-producer");
+    let config = ProducerConfig {
+        bootstrap_servers: broker.bootstrap.clone(),
+        topic: topic.clone(),
+        partitions: 4,
+        replication_factor: 1,
+        delay: Duration::ZERO,
+        days: Some(days),
+        seed: Some(1),
+        recreate_topic: true,
+        skip_days: 0,
+        print_topics: false,
+    };
+    let cpu = own_cpu_seconds();
+    let started = Instant::now();
+    let summary = weatherstream::producer::run(&config, &Shutdown::new()).unwrap();
+    let ours_wall = started.elapsed().as_secs_f64();
+    let ours_cpu = own_cpu_seconds() - cpu;
+    let ours_rate = summary.delivered as f64 / ours_wall;
+
+    let raw_topic = unique_topic("bench-raw");
+    let cpu = own_cpu_seconds();
+    let started = Instant::now();
+    TopicAdmin::connect(&broker.bootstrap)
+        .unwrap()
+        .recreate_topic(&raw_topic, 4, 1)
+        .unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        production_settings(&mut weatherstream::kafka::client_config(&broker.bootstrap))
+            .create()
+            .unwrap();
+    let payload = report::encode(NaiveDate::from_ymd_opt(1990, 1, 1).unwrap(), 12.3456);
+    for i in 0..summary.sent {
+        let mut record = BaseRecord::to(&raw_topic)
+            .key(MONTH_NAMES[(i / 31 % 12) as usize])
+            .payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    let raw_wall = started.elapsed().as_secs_f64();
+    let raw_cpu = own_cpu_seconds() - cpu;
+    let raw_rate = summary.sent as f64 / raw_wall;
+    println!(
+        "  raw librdkafka producer: {raw_rate:>9.0} reports/s, {:.2} us CPU/report",
+        raw_cpu / summary.sent as f64 * 1e6
+    );
+    println!(
+        "  producer (ours):         {ours_rate:>9.0} reports/s, {:.2} us CPU/report  => {:.2} of raw",
+        ours_cpu / summary.delivered as f64 * 1e6,
+        ours_rate / raw_rate
+    );
+    topic
+}
+
+fn bench_catchup(broker: &Broker, topic: &str) {
+    // Count what is there by reading it (watermarks are not trusted).
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..4 {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    let cpu = own_cpu_seconds();
+    let started = Instant::now();
+    consumer.assign(&list).unwrap();
+    let (mut count, mut touched, mut at_end) = (0u64, 0u64, 0);
+    let mut first: Option<Duration> = None;
+    while at_end < 4 {
+        match consumer.poll(Duration::from_secs(120)) {
+            Some(Ok(m)) => {
+                first.get_or_insert_with(|| started.elapsed());
+                count += 1;
+                touched =
+                    touched.wrapping_add(m.payload().map_or(0, |p| u64::from(p[p.len() / 2])));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => at_end += 1,
+            Some(Err(e)) => panic!("{e}"),
+            None => panic!("raw consumer stalled at {count}"),
+        }
+    }
+    let raw_wall = started.elapsed().as_secs_f64();
+    let raw_cpu = own_cpu_seconds() - cpu;
+    std::hint::black_box(touched);
+    drop(consumer);
+    println!("\n== catch-up: {count} reports, 4 partitions, from empty state ==");
+    let raw_rate = count as f64 / raw_wall;
+    println!(
+        "  raw librdkafka consumer: {raw_rate:>9.0} reports/s, {:.2} us CPU/report (first report after {:.1} s)",
+        raw_cpu / count as f64 * 1e6,
+        first.unwrap_or_default().as_secs_f64()
+    );
+
+    let files = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut ours = start_consumer(broker, topic, files.path(), &[0, 1, 2, 3]);
+    let pid = ours.child.id();
+    let (mut cpu, mut rss) = (0.0, 0.0);
+    wait_until(
+        "the consumer to publish every report",
+        Duration::from_secs(600),
+        || {
+            cpu = child_cpu_seconds(pid);
+            rss = child_peak_rss_mib(pid);
+            (0..4)
+                .filter_map(|p| read_partition_file(files.path(), p))
+                .map(|f| f.offset as u64)
+                .sum::<u64>()
+                >= count
+        },
+    );
+    let wall = started.elapsed().as_secs_f64();
+    assert!(ours.terminate().success());
+    let rate = count as f64 / wall;
+    let cpu_per = cpu / count as f64 * 1e6;
+    println!(
+        "  consumer (ours):         {rate:>9.0} reports/s, {cpu_per:.2} us CPU/report  => {:.2} of raw in wall time, {:.2}x raw CPU/report",
+        rate / raw_rate,
+        cpu_per / (raw_cpu / count as f64 * 1e6)
+    );
+    println!("  consumer peak RSS (4 partitions): {rss:.1} MiB");
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn summary(name: &str, mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&ms, 0.5), percentile(&ms, 0.99));
+    println!(
+        "  {name}: p50 {p50:>6.1} ms, p99 {p99:>6.1} ms, max {:>6.1} ms ({} reports)",
+        ms.last().copied().unwrap_or(f64::NAN),
+        ms.len()
+    );
+    (p50, p99)
+}
+
+fn bench_freshness(broker: &Broker, seconds: u64) {
+    println!("\n== freshness: {seconds} s at 0.1 s per day ==");
+    let topic = unique_topic("bench-fresh");
+    TopicAdmin::connect(&broker.bootstrap)
+        .unwrap()
+        .recreate_topic(&topic, 4, 1)
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let mut consumer = start_consumer(broker, &topic, files.path(), &[0, 1, 2, 3]);
+    wait_until(
+        "the consumer's first files",
+        Duration::from_secs(30),
+        || (0..4).all(|p| read_partition_file(files.path(), p).is_some()),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    // When each date became visible: to a raw consumer, and in the files.
+    let received: Arc<Mutex<BTreeMap<NaiveDate, Instant>>> = Arc::default();
+    let published: Arc<Mutex<BTreeMap<NaiveDate, Instant>>> = Arc::default();
+    let raw = {
+        let (stop, received, bootstrap, topic) = (
+            stop.clone(),
+            received.clone(),
+            broker.bootstrap.clone(),
+            topic.clone(),
+        );
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", "bench-fresh")
+                .set("fetch.wait.max.ms", "20")
+                .create()
+                .unwrap();
+            let mut list = TopicPartitionList::new();
+            for p in 0..4 {
+                list.add_partition_offset(&topic, p, rdkafka::Offset::Offset(0))
+                    .unwrap();
+            }
+            c.assign(&list).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+                    if let Ok(r) = report::validate(m.key(), m.payload()) {
+                        received
+                            .lock()
+                            .unwrap()
+                            .entry(r.date)
+                            .or_insert_with(Instant::now);
+                    }
+                }
+            }
+        })
+    };
+    let watcher = {
+        let (stop, published, dir) = (stop.clone(), published.clone(), files.path().to_path_buf());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let now = Instant::now();
+                for p in 0..4 {
+                    let Some(file) = read_partition_file(Path::new(&dir), p) else {
+                        continue;
+                    };
+                    let mut seen = published.lock().unwrap();
+                    for stats in file.aggregates.values() {
+                        seen.entry(stats.end).or_insert(now);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let sender = ReportSender::new(&broker.bootstrap, &topic).unwrap();
+    let mut sent: BTreeMap<NaiveDate, Instant> = BTreeMap::new();
+    let started = Instant::now();
+    let mut next = Instant::now();
+    for obs in WeatherGenerator::new(Some(4)) {
+        if started.elapsed() >= Duration::from_secs(seconds) {
+            break;
+        }
+        if !obs.duplicate {
+            sent.insert(obs.date, Instant::now());
+        }
+        sender.send(obs.date, obs.degrees).unwrap();
+        next += Duration::from_millis(100);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    sender.flush(Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    raw.join().unwrap();
+    watcher.join().unwrap();
+    assert!(consumer.terminate().success());
+    let latencies = |seen: &BTreeMap<NaiveDate, Instant>| -> Vec<f64> {
+        sent.iter()
+            .filter_map(|(date, at)| {
+                seen.get(date)
+                    .map(|s| s.saturating_duration_since(*at).as_secs_f64() * 1e3)
+            })
+            .collect()
+    };
+    let raw_ms = latencies(&received.lock().unwrap());
+    // The first day of each month/year is also its `start`; a month/year's
+    // first report shows as a new entry, later ones as a new `end`.
+    let ours_ms = latencies(&published.lock().unwrap());
+    let (_, raw_p99) = summary("send -> raw consumer receives      ", raw_ms);
+    let (_, ours_p99) = summary("send -> visible in partition-N.json", ours_ms);
+    println!(
+        "  p99 ours - p99 raw: {:.1} ms (our batching, sled commit + flush, atomic publish)",
+        ours_p99 - raw_p99
+    );
+}
