@@ -416,10 +416,17 @@ struct RecordProbe {
     consumer: BaseConsumer,
     topic: String,
     partition: PartitionId,
+    /// Probes end early on shutdown, so the worker can join its verifier.
+    shutdown: Shutdown,
 }
 
 impl RecordProbe {
-    fn new(bootstrap_servers: &str, topic: &str, partition: PartitionId) -> anyhow::Result<Self> {
+    fn new(
+        bootstrap_servers: &str,
+        topic: &str,
+        partition: PartitionId,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Self> {
         let consumer = client_config(bootstrap_servers)
             .set("group.id", "weatherstream-probe")
             .set("enable.auto.commit", "false")
@@ -438,6 +445,7 @@ impl RecordProbe {
             consumer,
             topic: topic.into(),
             partition,
+            shutdown: shutdown.clone(),
         })
     }
 
@@ -512,6 +520,9 @@ impl RecordProbe {
             // Quiet for a while after reading records: the log ends there. A
             // broker that sends nothing at all is asked again later instead.
             let quiet = last_progress.elapsed();
+            if self.shutdown.requested() {
+                break Read::Stalled;
+            }
             if quiet >= PROBE_QUIET {
                 break if saw_before {
                     Read::Ended { saw_before }
@@ -573,6 +584,156 @@ enum Read {
     Absent,
     /// Nothing at all arrived for a while.
     Stalled,
+}
+
+/// A question for the verifier: does the topic still hold these records?
+struct CheckRequest {
+    expected: Vec<Fingerprint>,
+    /// With nothing to compare (imported state), the record here only has
+    /// to exist, and becomes the anchor.
+    adopt_offset: Offset,
+    /// Becomes the anchor when every expected record is found.
+    last_record: Option<Fingerprint>,
+}
+
+/// The verifier's answer.
+#[derive(Debug)]
+enum CheckOutcome {
+    Current { anchor: Option<Fingerprint> },
+    Gone { offset: Offset },
+    Undecided,
+}
+
+/// Probes the topic for a request's records; waits while the topic is
+/// absent (deleted, not yet re-created).
+fn check_records(
+    probe: &RecordProbe,
+    request: &CheckRequest,
+    shutdown: &Shutdown,
+) -> anyhow::Result<CheckOutcome> {
+    let mut told_absent = false;
+    let mut probe_until_settled = |offset: Offset| -> anyhow::Result<Option<Probed>> {
+        loop {
+            match probe.record_at(offset)? {
+                Probed::Absent => {
+                    if !told_absent {
+                        log::warn!(
+                            "partition {}: topic {:?} is not there (deleted?); waiting for it",
+                            probe.partition,
+                            probe.topic
+                        );
+                        told_absent = true;
+                    }
+                    if shutdown.wait(Duration::from_millis(500)) {
+                        return Ok(None);
+                    }
+                }
+                Probed::Unknown => return Ok(None),
+                settled => return Ok(Some(settled)),
+            }
+        }
+    };
+    if request.expected.is_empty() {
+        return Ok(match probe_until_settled(request.adopt_offset)? {
+            Some(Probed::Found(fp)) => CheckOutcome::Current { anchor: Some(fp) },
+            Some(_) => CheckOutcome::Gone {
+                offset: request.adopt_offset,
+            },
+            None => CheckOutcome::Undecided,
+        });
+    }
+    for expected in &request.expected {
+        match probe_until_settled(expected.offset)? {
+            Some(Probed::Found(fp)) if fp == *expected => {}
+            Some(_) => {
+                return Ok(CheckOutcome::Gone {
+                    offset: expected.offset,
+                })
+            }
+            None => return Ok(CheckOutcome::Undecided),
+        }
+    }
+    Ok(CheckOutcome::Current {
+        anchor: request.last_record,
+    })
+}
+
+/// A partition's verifier thread (`verify-N`): answers check requests with
+/// its own Kafka client, so that routine checks never pause consumption.
+struct Verifier {
+    requests: Option<Sender<CheckRequest>>,
+    answers: crossbeam_channel::Receiver<anyhow::Result<CheckOutcome>>,
+    thread: Option<JoinHandle<()>>,
+    busy: bool,
+}
+
+impl Verifier {
+    fn spawn(
+        bootstrap_servers: &str,
+        topic: &str,
+        partition: PartitionId,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Self> {
+        let probe = RecordProbe::new(bootstrap_servers, topic, partition, shutdown)?;
+        let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
+        let (outbox, answers) = crossbeam_channel::bounded(1);
+        let shutdown = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("verify-{partition}"))
+            .spawn(move || {
+                for request in inbox {
+                    if outbox
+                        .send(check_records(&probe, &request, &shutdown))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .context("starting a verifier thread")?;
+        Ok(Verifier {
+            requests: Some(requests),
+            answers,
+            thread: Some(thread),
+            busy: false,
+        })
+    }
+
+    fn busy(&self) -> bool {
+        self.busy
+    }
+
+    fn ask(&mut self, request: CheckRequest) -> anyhow::Result<()> {
+        self.requests
+            .as_ref()
+            .and_then(|r| r.send(request).ok())
+            .ok_or_else(|| anyhow!("the verifier thread stopped"))?;
+        self.busy = true;
+        Ok(())
+    }
+
+    /// The answer, if one is ready.
+    fn poll(&mut self) -> Option<anyhow::Result<CheckOutcome>> {
+        let answer = self.answers.try_recv().ok()?;
+        self.busy = false;
+        Some(answer)
+    }
+
+    /// Waits for the answer; None if the thread is gone.
+    fn wait(&mut self) -> Option<anyhow::Result<CheckOutcome>> {
+        let answer = self.answers.recv().ok();
+        self.busy = false;
+        answer
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The outcome of a verification.
@@ -637,11 +798,16 @@ impl PartitionWorker {
     fn run(mut self) -> anyhow::Result<()> {
         let partition = self.partition();
         let topic = self.config.topic.clone();
-        let probe = RecordProbe::new(&self.config.bootstrap_servers, &topic, partition)?;
-        let mut verdict = self.verify(&probe, "start-up")?;
+        let mut verifier = Verifier::spawn(
+            &self.config.bootstrap_servers,
+            &topic,
+            partition,
+            &self.shutdown,
+        )?;
+        let mut verdict = self.verify_now(&mut verifier, "start-up")?;
         while verdict == Verdict::Undecided && !self.shutdown.requested() {
             self.shutdown.wait(Duration::from_secs(1));
-            verdict = self.verify(&probe, "start-up")?;
+            verdict = self.verify_now(&mut verifier, "start-up")?;
         }
         let mut consumer = partition_consumer(&self.config.bootstrap_servers)?;
         assign(
@@ -657,39 +823,47 @@ impl PartitionWorker {
         let mut errors = LogLimiter::new();
         let mut last_lag = Instant::now();
         while !self.shutdown.requested() {
-            let due = last_verify.elapsed() >= self.config.verify_interval;
-            if trigger.is_some() || due {
-                let reason = trigger
-                    .as_ref()
-                    .map_or("periodic check", |t| t.reason.as_str())
-                    .to_string();
-                let verdict = self.verify(&probe, &reason)?;
-                last_verify = Instant::now();
-                match verdict {
-                    Verdict::Undecided if trigger.is_some() => {
-                        // Read nothing more until the question is settled.
+            let mut verdict = None;
+            if let Some(t) = &trigger {
+                // Read nothing more until the question is settled.
+                let reason = t.reason.clone();
+                match self.verify_now(&mut verifier, &reason)? {
+                    Verdict::Undecided => {
                         self.shutdown.wait(Duration::from_millis(500));
                         continue;
                     }
-                    Verdict::Undecided => {}
-                    Verdict::Current | Verdict::Reset => {
-                        if let Some(t) = trigger.take() {
-                            cleared_through = cleared_through.max(t.at_offset.unwrap_or(-1));
-                        }
-                        if verdict == Verdict::Reset {
-                            cleared_through = -1;
-                        }
-                        // A fresh client: after a re-creation the old one may
-                        // hold stale metadata or an error state.
-                        consumer = partition_consumer(&self.config.bootstrap_servers)?;
-                        assign(
-                            &consumer,
-                            &topic,
-                            partition,
-                            self.state.snapshot().next_offset,
-                        )?;
+                    settled => {
+                        let cleared = trigger.take().and_then(|t| t.at_offset).unwrap_or(-1);
+                        cleared_through = cleared_through.max(cleared);
+                        verdict = Some(settled);
                     }
                 }
+                last_verify = Instant::now();
+            } else if let Some(outcome) = verifier.poll() {
+                // A routine check ran beside consumption; a reset discards
+                // whatever was read meanwhile.
+                if self.apply(outcome?, "periodic check")? == Verdict::Reset {
+                    verdict = Some(Verdict::Reset);
+                }
+            } else if !verifier.busy() && last_verify.elapsed() >= self.config.verify_interval {
+                last_verify = Instant::now();
+                if let Some(request) = self.check_request() {
+                    verifier.ask(request)?;
+                }
+            }
+            if let Some(verdict) = verdict {
+                if verdict == Verdict::Reset {
+                    cleared_through = -1;
+                }
+                // A fresh client: after a re-creation the old one may hold
+                // stale metadata or an error state.
+                consumer = partition_consumer(&self.config.bootstrap_servers)?;
+                assign(
+                    &consumer,
+                    &topic,
+                    partition,
+                    self.state.snapshot().next_offset,
+                )?;
             }
             trigger = self.consume_batch(&consumer, cleared_through, &mut errors)?;
             if last_lag.elapsed() >= LAG_INTERVAL {
@@ -700,77 +874,66 @@ impl PartitionWorker {
         Ok(())
     }
 
-    /// Checks the stored fingerprints against the topic; resets on mismatch.
-    fn verify(&mut self, probe: &RecordProbe, reason: &str) -> anyhow::Result<Verdict> {
+    /// What to check: the verified anchor and the last record, or for
+    /// imported state (no fingerprints) the record before the offset.
+    fn check_request(&self) -> Option<CheckRequest> {
         let snapshot = self.state.snapshot();
         if snapshot.next_offset == 0 {
+            return None;
+        }
+        let mut expected: Vec<Fingerprint> = snapshot.anchor.into_iter().collect();
+        expected.extend(snapshot.last_record.filter(|r| Some(*r) != snapshot.anchor));
+        Some(CheckRequest {
+            expected,
+            adopt_offset: snapshot.next_offset - 1,
+            last_record: snapshot.last_record,
+        })
+    }
+
+    /// Checks now and waits for the answer (start-up, and after a trigger).
+    fn verify_now(&mut self, verifier: &mut Verifier, reason: &str) -> anyhow::Result<Verdict> {
+        // A routine check may be under way; its answer counts too.
+        if verifier.busy() {
+            if let Some(outcome) = verifier.wait() {
+                if self.apply(outcome?, reason)? == Verdict::Reset {
+                    return Ok(Verdict::Reset);
+                }
+            }
+        }
+        let Some(request) = self.check_request() else {
             return Ok(Verdict::Current);
+        };
+        verifier.ask(request)?;
+        match verifier.wait() {
+            Some(outcome) => self.apply(outcome?, reason),
+            None => Ok(Verdict::Undecided),
         }
-        let partition = self.partition();
-        let mut checks: Vec<Fingerprint> = snapshot.anchor.into_iter().collect();
-        checks.extend(snapshot.last_record.filter(|r| Some(*r) != snapshot.anchor));
-        let mut adopted: Option<Fingerprint> = None;
-        let mut gone: Option<Offset> = None;
-        let mut told_absent = false;
-        if checks.is_empty() {
-            // Imported state: nothing recorded to compare, so the record
-            // before the offset only has to exist; it becomes the anchor.
-            let offset = snapshot.next_offset - 1;
-            loop {
-                match probe.record_at(offset)? {
-                    Probed::Found(fp) => {
-                        adopted = Some(fp);
-                        break;
-                    }
-                    Probed::Missing => {
-                        gone = Some(offset);
-                        break;
-                    }
-                    Probed::Absent => {
-                        if !self.wait_absent(&mut told_absent) {
-                            return Ok(Verdict::Undecided);
-                        }
-                    }
-                    Probed::Unknown => return Ok(Verdict::Undecided),
+    }
+
+    /// Acts on a check's answer: a new anchor, or a reset.
+    fn apply(&mut self, outcome: CheckOutcome, reason: &str) -> anyhow::Result<Verdict> {
+        match outcome {
+            CheckOutcome::Undecided => Ok(Verdict::Undecided),
+            CheckOutcome::Current { anchor } => {
+                if let Some(anchor) = anchor {
+                    self.state.set_anchor(anchor)?;
                 }
+                Ok(Verdict::Current)
+            }
+            CheckOutcome::Gone { offset } => {
+                log::warn!(
+                    "partition {}: topic {:?} was re-created (the record at offset {offset} is gone or different; noticed by {reason}); \
+                     resetting this partition's statistics from offset {} to 0",
+                    self.partition(),
+                    self.config.topic,
+                    self.state.snapshot().next_offset
+                );
+                let snapshot = self.state.reset()?;
+                self.progress.update(&snapshot);
+                self.publish(snapshot)?;
+                Ok(Verdict::Reset)
             }
         }
-        for expected in &checks {
-            loop {
-                match probe.record_at(expected.offset)? {
-                    Probed::Found(fp) if fp == *expected => break,
-                    Probed::Found(_) | Probed::Missing => {
-                        gone = Some(expected.offset);
-                        break;
-                    }
-                    Probed::Absent => {
-                        if !self.wait_absent(&mut told_absent) {
-                            return Ok(Verdict::Undecided);
-                        }
-                    }
-                    Probed::Unknown => return Ok(Verdict::Undecided),
-                }
-            }
-            if gone.is_some() {
-                break;
-            }
-        }
-        if let Some(offset) = gone {
-            log::warn!(
-                "partition {partition}: topic {:?} was re-created (the record at offset {offset} is gone or different; noticed by {reason}); \
-                 resetting this partition's statistics from offset {} to 0",
-                self.config.topic,
-                snapshot.next_offset
-            );
-            let snapshot = self.state.reset()?;
-            self.progress.update(&snapshot);
-            self.publish(snapshot)?;
-            return Ok(Verdict::Reset);
-        }
-        if let Some(anchor) = adopted.or(snapshot.last_record) {
-            self.state.set_anchor(anchor)?;
-        }
-        Ok(Verdict::Current)
     }
 
     /// Updates the lag from the watermark of the last fetch response.
@@ -781,19 +944,6 @@ impl PartitionWorker {
                 .lag
                 .store((high - next).max(0), Ordering::Relaxed);
         }
-    }
-
-    /// Waits while the topic is absent; false on shutdown.
-    fn wait_absent(&self, told: &mut bool) -> bool {
-        if !*told {
-            log::warn!(
-                "partition {}: topic {:?} is not there (deleted?); waiting for it",
-                self.partition(),
-                self.config.topic
-            );
-            *told = true;
-        }
-        !self.shutdown.wait(Duration::from_millis(500))
     }
 
     fn publish(&self, snapshot: Arc<Snapshot>) -> anyhow::Result<()> {
