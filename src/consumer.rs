@@ -193,6 +193,8 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
             exporter: exporter.sender(),
             progress: progress.clone(),
             shutdown: shutdown.clone(),
+            gap: None,
+            accepted_gap: None,
         };
         workers.push(WorkerHandle::spawn(worker, progress)?);
     }
@@ -780,7 +782,15 @@ struct PartitionWorker {
     exporter: Sender<Arc<Snapshot>>,
     progress: Arc<Progress>,
     shutdown: Shutdown,
+    /// The offset the broker just skipped past, for the run loop to re-read.
+    gap: Option<Offset>,
+    /// A gap that reading from the start confirmed: compaction or markers.
+    accepted_gap: Option<Offset>,
 }
+
+/// How far back the worker re-reads, step by step, when the broker skips
+/// past the offset it asked for.
+const REFETCH_BACK: [Offset; 4] = [1_000, 10_000, 100_000, Offset::MAX];
 
 /// Why a batch ended early and the partition needs a check.
 struct Trigger {
@@ -822,6 +832,8 @@ impl PartitionWorker {
         let mut cleared_through: Offset = -1;
         let mut errors = LogLimiter::new();
         let mut last_lag = Instant::now();
+        // The gap being re-read, and how far back the last re-read started.
+        let mut refetch: Option<(Offset, usize)> = None;
         while !self.shutdown.requested() {
             let mut verdict = None;
             if let Some(t) = &trigger {
@@ -866,6 +878,25 @@ impl PartitionWorker {
                 )?;
             }
             trigger = self.consume_batch(&consumer, cleared_through, &mut errors)?;
+            if let Some(expected) = self.gap.take() {
+                let step = match refetch {
+                    Some((at, step)) if at == expected => step + 1,
+                    _ => 0,
+                };
+                if let Some(back) = REFETCH_BACK.get(step) {
+                    refetch = Some((expected, step));
+                    consumer = partition_consumer(&self.config.bootstrap_servers)?;
+                    assign(
+                        &consumer,
+                        &topic,
+                        partition,
+                        expected.saturating_sub(*back).max(0),
+                    )?;
+                } else {
+                    log::warn!("partition {partition}: offsets from {expected} are missing from the log even when read from the start; going on after them");
+                    self.accepted_gap = Some(expected);
+                }
+            }
             if last_lag.elapsed() >= LAG_INTERVAL {
                 last_lag = Instant::now();
                 self.refresh_lag(&consumer);
@@ -1004,6 +1035,13 @@ impl PartitionWorker {
             if offset < next_offset {
                 // Already counted (re-delivered after a seek): skip.
                 continue;
+            }
+            if offset > next_offset && self.accepted_gap != Some(next_offset) {
+                // A broker that serves from batch boundaries (tansu's
+                // in-memory engine, after a restart mid-batch) starts after
+                // the offset asked for: read again from earlier.
+                self.gap = Some(next_offset);
+                break;
             }
             if deadline.is_none() {
                 deadline =

@@ -132,7 +132,54 @@ fn ten_years_end_to_end_match_an_independent_recomputation() {
 
 #[test]
 fn kill_9_at_random_moments_never_loses_or_double_counts() {
-    let broker = Broker::start();
+    kill_9_at_random_moments(Storage::Sqlite);
+}
+
+#[test]
+fn a_restart_inside_a_broker_batch_reads_again_instead_of_skipping() {
+    // tansu's in-memory engine answers a fetch in the middle of a batch with
+    // the next batch. Large producer batches, tiny consumer batches (so the
+    // committed offset lands inside a broker batch), then kill -9.
+    let broker = Broker::start_with(Storage::Memory);
+    let topic = unique_topic("midbatch");
+    let files = tempfile::tempdir().unwrap();
+    let records = produce_and_read(&broker, &topic, 20_000, 13);
+    let mut cmd = bin("consumer");
+    cmd.args([
+        "--bootstrap-servers",
+        &broker.bootstrap,
+        "--topic",
+        &topic,
+        "--quiet",
+        "--max-batch",
+        "7",
+    ])
+    .arg("--files")
+    .arg(files.path())
+    .args(["0", "1", "2", "3"]);
+    let mut first = Running::spawn(cmd);
+    wait_until("some progress", Duration::from_secs(60), || {
+        (0..4).all(|p| read_partition_file(files.path(), p).is_some_and(|f| f.offset > 50))
+    });
+    first.kill9();
+    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
+    wait_for_offsets(
+        files.path(),
+        &end_offsets(&records),
+        4,
+        Duration::from_secs(120),
+    );
+    assert!(consumer.terminate().success());
+    assert!(
+        !consumer.stderr_text().contains("missing from the log"),
+        "{}",
+        consumer.stderr_text()
+    );
+    assert_files_match(files.path(), &recompute(&records), 4);
+}
+
+fn kill_9_at_random_moments(storage: Storage) {
+    let broker = Broker::start_with(storage);
     let topic = unique_topic("kill9");
     let files = tempfile::tempdir().unwrap();
     let days = 2500;
