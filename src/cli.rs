@@ -3,6 +3,20 @@
 
 use std::process::ExitCode;
 
+use crate::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
+
+/// Where the broker is and which topic: shared by every command that talks
+/// to Kafka.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
+    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
+    pub bootstrap_servers: String,
+    /// Topic of the weather reports
+    #[arg(long, default_value = DEFAULT_TOPIC)]
+    pub topic: String,
+}
+
 /// Logs to stderr; `RUST_LOG` overrides. librdkafka's own connection chatter
 /// is off by default: our errors say what matters once.
 pub fn init_logging() {

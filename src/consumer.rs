@@ -819,13 +819,7 @@ impl PartitionWorker {
             self.shutdown.wait(Duration::from_secs(1));
             verdict = self.verify_now(&mut verifier, "start-up")?;
         }
-        let mut consumer = partition_consumer(&self.config.bootstrap_servers)?;
-        assign(
-            &consumer,
-            &topic,
-            partition,
-            self.state.snapshot().next_offset,
-        )?;
+        let mut consumer = self.client_at(self.state.snapshot().next_offset)?;
         let mut last_verify = Instant::now();
         let mut trigger: Option<Trigger> = None;
         // Records at or below this offset passed a check already.
@@ -869,13 +863,7 @@ impl PartitionWorker {
                 }
                 // A fresh client: after a re-creation the old one may hold
                 // stale metadata or an error state.
-                consumer = partition_consumer(&self.config.bootstrap_servers)?;
-                assign(
-                    &consumer,
-                    &topic,
-                    partition,
-                    self.state.snapshot().next_offset,
-                )?;
+                consumer = self.client_at(self.state.snapshot().next_offset)?;
             }
             trigger = self.consume_batch(&consumer, cleared_through, &mut errors)?;
             if let Some(expected) = self.gap.take() {
@@ -885,13 +873,7 @@ impl PartitionWorker {
                 };
                 if let Some(back) = REFETCH_BACK.get(step) {
                     refetch = Some((expected, step));
-                    consumer = partition_consumer(&self.config.bootstrap_servers)?;
-                    assign(
-                        &consumer,
-                        &topic,
-                        partition,
-                        expected.saturating_sub(*back).max(0),
-                    )?;
+                    consumer = self.client_at(expected.saturating_sub(*back).max(0))?;
                 } else {
                     log::warn!("partition {partition}: offsets from {expected} are missing from the log even when read from the start; going on after them");
                     self.accepted_gap = Some(expected);
@@ -903,6 +885,13 @@ impl PartitionWorker {
             }
         }
         Ok(())
+    }
+
+    /// A new client reading this partition from `offset`.
+    fn client_at(&self, offset: Offset) -> anyhow::Result<BaseConsumer> {
+        let consumer = partition_consumer(&self.config.bootstrap_servers)?;
+        assign(&consumer, &self.config.topic, self.partition(), offset)?;
+        Ok(consumer)
     }
 
     /// What to check: the verified anchor and the last record, or for

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
-use weatherstream::kafka::{PartitionId, BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
+use weatherstream::kafka::PartitionId;
 use weatherstream::{cli, shutdown::Shutdown, tools};
 
 /// Keeps exactly-once month/year statistics of the given partitions and
@@ -52,12 +52,8 @@ struct RunArgs {
     /// Partitions to consume, e.g. `0 2`
     #[arg(required = true, value_name = "PARTITION")]
     partitions: Vec<PartitionId>,
-    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
-    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
-    bootstrap_servers: String,
-    /// Topic to read
-    #[arg(long, default_value = DEFAULT_TOPIC)]
-    topic: String,
+    #[command(flatten)]
+    connection: cli::Connection,
     #[command(flatten)]
     folders: Folders,
     /// Most reports committed in one transaction
@@ -127,8 +123,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .exit();
     }
     let mut config = ConsumerConfig::new(
-        args.bootstrap_servers,
-        args.topic,
+        args.connection.bootstrap_servers,
+        args.connection.topic,
         args.folders.files_dir.clone(),
         args.folders.state_dir(),
         args.partitions,

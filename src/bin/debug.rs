@@ -2,7 +2,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use weatherstream::debug::{self, DebugConfig};
-use weatherstream::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
 use weatherstream::{cli, shutdown::Shutdown};
 
 /// Prints every new message of the topic as a Python-style dict, one per line.
@@ -13,12 +12,8 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
-    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
-    bootstrap_servers: String,
-    /// Topic to read
-    #[arg(long, default_value = DEFAULT_TOPIC)]
-    topic: String,
+    #[command(flatten)]
+    connection: cli::Connection,
     /// Consumer group
     #[arg(long, default_value = "debug")]
     group: String,
@@ -31,8 +26,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging();
     let config = DebugConfig {
-        bootstrap_servers: args.bootstrap_servers,
-        topic: args.topic,
+        bootstrap_servers: args.connection.bootstrap_servers,
+        topic: args.connection.topic,
         group: args.group,
         from_beginning: args.from_beginning,
     };

@@ -2,7 +2,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use weatherstream::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
 use weatherstream::producer::{self, ProducerConfig};
 use weatherstream::{cli, shutdown::Shutdown};
 
@@ -13,12 +12,8 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
-    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
-    bootstrap_servers: String,
-    /// Topic to (re-)create and write
-    #[arg(long, default_value = DEFAULT_TOPIC)]
-    topic: String,
+    #[command(flatten)]
+    connection: cli::Connection,
     /// Partitions of the created topic
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=1000))]
     partitions: i32,
@@ -51,8 +46,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging();
     let config = ProducerConfig {
-        bootstrap_servers: args.bootstrap_servers,
-        topic: args.topic,
+        bootstrap_servers: args.connection.bootstrap_servers,
+        topic: args.connection.topic,
         partitions: args.partitions,
         replication_factor: args.replication_factor,
         delay: Duration::from_secs_f64(args.delay),
