@@ -83,7 +83,6 @@ impl ConsumerConfig {
 pub struct Progress {
     pub partition: PartitionId,
     pub next_offset: AtomicI64,
-    pub counted: AtomicU64,
     pub duplicates: AtomicU64,
     pub malformed: AtomicU64,
     /// High watermark minus next offset; -1 when the broker has not said.
@@ -95,7 +94,6 @@ impl Progress {
         let this = Progress {
             partition: snapshot.partition,
             next_offset: AtomicI64::new(0),
-            counted: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
@@ -107,8 +105,6 @@ impl Progress {
     fn update(&self, snapshot: &Snapshot) {
         self.next_offset
             .store(snapshot.next_offset, Ordering::Relaxed);
-        self.counted
-            .store(snapshot.counters.counted, Ordering::Relaxed);
         self.duplicates
             .store(snapshot.counters.duplicates, Ordering::Relaxed);
         self.malformed
@@ -195,6 +191,8 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
             shutdown: shutdown.clone(),
             gap: None,
             accepted_gap: None,
+            errors: LogLimiter::new(),
+            bad_input: LogLimiter::new(),
         };
         workers.push(WorkerHandle::spawn(worker, progress)?);
     }
@@ -786,6 +784,10 @@ struct PartitionWorker {
     gap: Option<Offset>,
     /// A gap that reading from the start confirmed: compaction or markers.
     accepted_gap: Option<Offset>,
+    /// Rate limits for consumer errors and for malformed-message lines,
+    /// kept across batches.
+    errors: LogLimiter,
+    bad_input: LogLimiter,
 }
 
 /// How far back the worker re-reads, step by step, when the broker skips
@@ -824,7 +826,6 @@ impl PartitionWorker {
         let mut trigger: Option<Trigger> = None;
         // Records at or below this offset passed a check already.
         let mut cleared_through: Offset = -1;
-        let mut errors = LogLimiter::new();
         let mut last_lag = Instant::now();
         // The gap being re-read, and how far back the last re-read started.
         let mut refetch: Option<(Offset, usize)> = None;
@@ -865,7 +866,7 @@ impl PartitionWorker {
                 // stale metadata or an error state.
                 consumer = self.client_at(self.state.snapshot().next_offset)?;
             }
-            trigger = self.consume_batch(&consumer, cleared_through, &mut errors)?;
+            trigger = self.consume_batch(&consumer, cleared_through)?;
             if let Some(expected) = self.gap.take() {
                 let step = match refetch {
                     Some((at, step)) if at == expected => step + 1,
@@ -977,7 +978,6 @@ impl PartitionWorker {
         &mut self,
         consumer: &BaseConsumer,
         cleared_through: Offset,
-        errors: &mut LogLimiter,
     ) -> anyhow::Result<Option<Trigger>> {
         let snapshot = self.state.snapshot();
         let partition = self.partition();
@@ -986,7 +986,6 @@ impl PartitionWorker {
         let mut last_record = None;
         let mut malformed = 0u64;
         let mut trigger = None;
-        let mut bad_input = LogLimiter::new();
         let mut seen = 0usize;
         let mut wait = Duration::from_millis(100);
         let mut deadline: Option<Instant> = None;
@@ -1008,7 +1007,7 @@ impl PartitionWorker {
                     break;
                 }
                 Err(error) => {
-                    if let Some(suppressed) = errors.allow() {
+                    if let Some(suppressed) = self.errors.allow() {
                         log::warn!(
                             "partition {partition}: {error} ({suppressed} similar suppressed)"
                         );
@@ -1055,7 +1054,7 @@ impl PartitionWorker {
                 }
                 Err(reason) => {
                     malformed += 1;
-                    if let Some(suppressed) = bad_input.allow() {
+                    if let Some(suppressed) = self.bad_input.allow() {
                         log::warn!(
                             "partition {partition} offset {offset}: skipped malformed message: {reason}{}",
                             if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() }

@@ -5,7 +5,7 @@
 //! whose ack was lost) and a `year = 1990 + day_count / 365` that drifts from
 //! the calendar by one day per leap year.
 
-use chrono::{Datelike, Days, NaiveDate};
+use chrono::{Days, NaiveDate};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -111,7 +111,7 @@ impl Iterator for WeatherGenerator {
                 duplicate: true,
             });
         }
-        let year = 1990 + self.day_count / 365;
+        let year = model_year(self.day_count);
         let day_of_year = self.day_count % 365 + 1;
         let base = base_temperature(year, day_of_year);
         let trend = (year - 1990) as f64 * self.rng.random_range(0.02..0.1);
@@ -126,20 +126,16 @@ impl Iterator for WeatherGenerator {
     }
 }
 
-/// The model's year for a date's day count: kept separate so tests can pin
-/// the drift quirk without reaching into the generator.
+/// The model's year for a day count (`1990 + day_count / 365`), which
+/// drifts from the calendar year by one day per leap year, on purpose.
 pub fn model_year(day_count: u64) -> u64 {
     1990 + day_count / 365
-}
-
-/// Calendar year of a date, as used for statistics keys.
-pub fn calendar_year(date: NaiveDate) -> i32 {
-    date.year()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Datelike;
 
     #[test]
     fn first_report_is_1990_01_01_and_never_a_duplicate() {
@@ -226,7 +222,7 @@ mod tests {
         let date_1095 = first_date().checked_add_days(Days::new(1095)).unwrap();
         assert_eq!(date_1095, NaiveDate::from_ymd_opt(1992, 12, 31).unwrap());
         assert_eq!(model_year(1095), 1993);
-        assert_eq!(calendar_year(date_1095), 1992);
+        assert_eq!(date_1095.year(), 1992);
     }
 
     #[test]

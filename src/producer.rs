@@ -123,10 +123,6 @@ impl ReportSender {
         })
     }
 
-    pub fn counters(&self) -> &Arc<DeliveryCounters> {
-        &self.counters
-    }
-
     /// Queues one report, waiting while librdkafka's queue is full.
     pub fn send(&self, date: NaiveDate, degrees: f64) -> anyhow::Result<()> {
         let key = report::key_for(date);
