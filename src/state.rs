@@ -277,25 +277,36 @@ impl PartitionState {
 
     fn open_dir(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
         let path = partition_dir(state_dir, partition);
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(8 * 1024 * 1024)
-            // We flush after every commit; no background flusher needed.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| match source {
-                sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
-                    StateError::Locked {
-                        partition,
-                        path: path.clone(),
-                        holder: holder(state_dir, partition),
+        let ours = format!("pid {} ", std::process::id());
+        let mut attempts = 0;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(&path)
+                .cache_capacity(8 * 1024 * 1024)
+                // We flush after every commit; no background flusher needed.
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(ref e)) if e.to_string().contains("could not acquire lock") => {
+                    let holder = holder(state_dir, partition);
+                    // sled releases its lock a moment after the last handle
+                    // is dropped (its threads hold one briefly): a lock held
+                    // by this very process is waited for, briefly.
+                    if attempts < 50 && holder.as_deref().is_some_and(|h| h.starts_with(&ours)) {
+                        attempts += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        continue;
                     }
+                    return Err(StateError::Locked {
+                        partition,
+                        path,
+                        holder,
+                    });
                 }
-                source => StateError::Sled {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+                Err(source) => return Err(StateError::Sled { path, source }),
+            }
+        };
         let mut this = PartitionState {
             db,
             path,
