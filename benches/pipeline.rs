@@ -277,10 +277,12 @@ fn bench_producer(broker: &Broker, reports: u64) -> String {
         .unwrap()
         .recreate_topic(&raw_topic, 4, 1)
         .unwrap();
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        production_settings(&mut weatherstream::kafka::client_config(&broker.bootstrap))
-            .create()
-            .unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> = production_settings(
+        &mut weatherstream::kafka::client_config(&broker.bootstrap),
+        Duration::ZERO,
+    )
+    .create()
+    .unwrap();
     let payload = report::encode(NaiveDate::from_ymd_opt(1990, 1, 1).unwrap(), 12.3456);
     for i in 0..summary.sent {
         let mut record = BaseRecord::to(&raw_topic)
@@ -319,6 +321,9 @@ fn bench_catchup(broker: &Broker, topic: &str) {
         .set("group.id", "bench-raw")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // Left at 1 s, librdkafka idles after every fetch that fills its
+        // queue: 3x slower here. The ceiling is the tuned client.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .unwrap();
     let mut list = TopicPartitionList::new();
@@ -433,7 +438,9 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &bootstrap)
                 .set("group.id", "bench-fresh")
-                .set("fetch.wait.max.ms", "20")
+                // The consumer's own setting: tansu answers a waiting fetch
+                // only when this expires.
+                .set("fetch.wait.max.ms", "5")
                 .create()
                 .unwrap();
             let mut list = TopicPartitionList::new();
@@ -473,7 +480,7 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
             }
         })
     };
-    let sender = ReportSender::new(&broker.bootstrap, &topic).unwrap();
+    let sender = ReportSender::new(&broker.bootstrap, &topic, Duration::from_millis(100)).unwrap();
     let mut sent: BTreeMap<NaiveDate, Instant> = BTreeMap::new();
     let started = Instant::now();
     let mut next = Instant::now();

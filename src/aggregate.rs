@@ -80,6 +80,9 @@ pub fn fold(stats: Option<&MonthStats>, report: &ValidReport) -> Option<MonthSta
 pub struct BatchFold<'a> {
     committed: &'a Aggregates,
     touched: BTreeMap<MonthYear, MonthStats>,
+    /// The month/year being folded, kept out of `touched` until another one
+    /// comes: reports arrive in date order, so most need no map lookup.
+    open: Option<(MonthYear, MonthStats)>,
     pub counted: u64,
     pub duplicates: u64,
 }
@@ -89,6 +92,7 @@ impl<'a> BatchFold<'a> {
         BatchFold {
             committed,
             touched: BTreeMap::new(),
+            open: None,
             counted: 0,
             duplicates: 0,
         }
@@ -96,27 +100,44 @@ impl<'a> BatchFold<'a> {
 
     /// The statistics a report for `key` would be folded into.
     pub fn current(&self, key: MonthYear) -> Option<&MonthStats> {
-        self.touched.get(&key).or_else(|| self.committed.get(&key))
+        match &self.open {
+            Some((open, stats)) if *open == key => Some(stats),
+            _ => self.touched.get(&key).or_else(|| self.committed.get(&key)),
+        }
     }
 
     pub fn add(&mut self, report: &ValidReport) -> Outcome {
         let key = MonthYear::of(report.date);
-        let current = self.touched.get(&key).or_else(|| self.committed.get(&key));
-        match fold(current, report) {
-            Some(next) => {
-                self.touched.insert(key, next);
-                self.counted += 1;
-                Outcome::Counted
+        if self.open.is_none_or(|(open, _)| open != key) {
+            if let Some((open, stats)) = self.open.take() {
+                self.touched.insert(open, stats);
             }
-            None => {
-                self.duplicates += 1;
-                Outcome::Duplicate
+            let current = self.touched.get(&key).or_else(|| self.committed.get(&key));
+            match fold(current, report) {
+                Some(next) => self.open = Some((key, next)),
+                None => {
+                    self.duplicates += 1;
+                    return Outcome::Duplicate;
+                }
+            }
+        } else if let Some((_, stats)) = &mut self.open {
+            match fold(Some(stats), report) {
+                Some(next) => *stats = next,
+                None => {
+                    self.duplicates += 1;
+                    return Outcome::Duplicate;
+                }
             }
         }
+        self.counted += 1;
+        Outcome::Counted
     }
 
     /// The month/years this batch changed, with their new statistics.
-    pub fn into_touched(self) -> BTreeMap<MonthYear, MonthStats> {
+    pub fn into_touched(mut self) -> BTreeMap<MonthYear, MonthStats> {
+        if let Some((open, stats)) = self.open.take() {
+            self.touched.insert(open, stats);
+        }
         self.touched
     }
 }
@@ -223,21 +244,26 @@ mod tests {
         assert_eq!(feb.avg(), 1.5);
     }
 
-    #[test]
-    fn batch_reads_committed_state() {
-        let mut committed = Aggregates::new();
-        committed.insert(
+    /// Committed statistics of March 2000 only, from day `first` to `last`.
+    fn march_2000(count: u64, sum: f64, first: u32, last: u32) -> Aggregates {
+        let day = |d| NaiveDate::from_ymd_opt(2000, 3, d).unwrap();
+        Aggregates::from([(
             MonthYear {
                 month: 3,
                 year: 2000,
             },
             MonthStats {
-                count: 2,
-                sum: 10.0,
-                start: NaiveDate::from_ymd_opt(2000, 3, 1).unwrap(),
-                end: NaiveDate::from_ymd_opt(2000, 3, 2).unwrap(),
+                count,
+                sum,
+                start: day(first),
+                end: day(last),
             },
-        );
+        )])
+    }
+
+    #[test]
+    fn batch_reads_committed_state() {
+        let committed = march_2000(2, 10.0, 1, 2);
         let mut batch = BatchFold::new(&committed);
         assert_eq!(batch.add(&r(2000, 3, 2, 1e6)), Outcome::Duplicate);
         assert_eq!(batch.add(&r(2000, 3, 3, 5.0)), Outcome::Counted);
@@ -249,6 +275,51 @@ mod tests {
         }];
         assert_eq!((march.count, march.sum), (3, 15.0));
         assert_eq!(march.start, NaiveDate::from_ymd_opt(2000, 3, 1).unwrap());
+    }
+
+    #[test]
+    fn batch_matches_the_plain_fold_when_months_interleave() {
+        // Out of order on purpose: the batch must not lose a month/year it
+        // left and came back to, nor fold into the wrong one.
+        let reports = [
+            r(2000, 3, 30, 1.0),
+            r(2000, 3, 31, 2.0),
+            r(2000, 4, 1, 3.0),
+            r(2000, 3, 31, 9.0),
+            r(2000, 4, 2, 4.0),
+            r(1999, 4, 5, 5.0),
+            r(2000, 4, 2, 9.0),
+            r(2000, 4, 3, 6.0),
+        ];
+        let committed = march_2000(1, 7.0, 29, 29);
+        let mut expected = committed.clone();
+        let (mut expected_counted, mut expected_dups) = (0, 0);
+        for report in &reports {
+            let key = MonthYear::of(report.date);
+            match fold(expected.get(&key), report) {
+                Some(next) => {
+                    expected.insert(key, next);
+                    expected_counted += 1;
+                }
+                None => expected_dups += 1,
+            }
+        }
+        assert_eq!((expected_counted, expected_dups), (6, 2));
+        let mut batch = BatchFold::new(&committed);
+        for (i, report) in reports.iter().enumerate() {
+            let key = MonthYear::of(report.date);
+            let before = batch.current(key).copied();
+            let outcome = batch.add(report);
+            assert_eq!(
+                outcome == Outcome::Duplicate,
+                before.is_some_and(|s| report.date <= s.end),
+                "report {i}"
+            );
+        }
+        assert_eq!((batch.counted, batch.duplicates), (6, 2));
+        let mut result = committed.clone();
+        result.extend(batch.into_touched());
+        assert_eq!(result, expected);
     }
 
     #[test]

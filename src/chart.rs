@@ -3,16 +3,19 @@
 //! partition-*.json in the files folder (whichever partition holds them).
 //! Rendered with plotters' SVG backend; labels are SVG `<text>`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::aggregate::Aggregates;
+use crate::aggregate::{Aggregates, MonthYear};
 use crate::atomic_file;
 use crate::export::parse_partition_json;
+use crate::kafka::PartitionId;
 use crate::report::month_name;
 
 /// The chart's file name in the files folder.
@@ -37,16 +40,38 @@ pub struct ChartReport {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
-/// The latest year of each chart month across all partitions' statistics.
-pub fn latest_bars<'a>(partitions: impl IntoIterator<Item = &'a Aggregates>) -> Vec<Bar> {
-    let mut latest: [Option<(i32, f64)>; 3] = [None; 3];
-    for aggregates in partitions {
-        for (key, stats) in aggregates {
-            let Some(slot) = CHART_MONTHS.iter().position(|m| *m == key.month) else {
-                continue;
-            };
-            if latest[slot].is_none_or(|(year, _)| key.year > year) {
-                latest[slot] = Some((key.year, stats.avg()));
+/// What the chart needs of one partition: the latest year of each chart
+/// month and its average, in [`CHART_MONTHS`] order.
+pub type ChartInput = [Option<(i32, f64)>; 3];
+
+/// The chart's input from one partition's statistics. Statistics are keyed
+/// month first, so each month's latest year is one range lookup.
+pub fn chart_input(aggregates: &Aggregates) -> ChartInput {
+    CHART_MONTHS.map(|month| {
+        aggregates
+            .range(
+                MonthYear {
+                    month,
+                    year: i32::MIN,
+                }..=MonthYear {
+                    month,
+                    year: i32::MAX,
+                },
+            )
+            .next_back()
+            .map(|(key, stats)| (key.year, stats.avg()))
+    })
+}
+
+/// The latest year of each chart month across all partitions.
+pub fn bars_of<'a>(inputs: impl IntoIterator<Item = &'a ChartInput>) -> Vec<Bar> {
+    let mut latest: ChartInput = [None; 3];
+    for input in inputs {
+        for (slot, found) in latest.iter_mut().zip(input) {
+            if let Some((year, avg)) = *found {
+                if slot.is_none_or(|(y, _)| year > y) {
+                    *slot = Some((year, avg));
+                }
             }
         }
     }
@@ -60,6 +85,12 @@ pub fn latest_bars<'a>(partitions: impl IntoIterator<Item = &'a Aggregates>) -> 
             })
         })
         .collect()
+}
+
+/// The latest year of each chart month across all partitions' statistics.
+pub fn latest_bars<'a>(partitions: impl IntoIterator<Item = &'a Aggregates>) -> Vec<Bar> {
+    let inputs: Vec<ChartInput> = partitions.into_iter().map(chart_input).collect();
+    bars_of(&inputs)
 }
 
 /// Renders the bars as an SVG document.
@@ -128,9 +159,10 @@ pub fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
     Ok(svg)
 }
 
-/// Partition files in `files_dir` (partition-<number>.json), ascending.
-pub fn partition_files(files_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut found: Vec<(i64, PathBuf)> = Vec::new();
+/// Partition files in `files_dir` (partition-<number>.json) with their
+/// numbers, ascending.
+pub fn partition_files(files_dir: &Path) -> std::io::Result<Vec<(PartitionId, PathBuf)>> {
+    let mut found: Vec<(PartitionId, PathBuf)> = Vec::new();
     let entries = match fs::read_dir(files_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -143,44 +175,122 @@ pub fn partition_files(files_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix("partition-"))
             .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<i64>().ok());
+            .and_then(|n| n.parse::<PartitionId>().ok());
         if let Some(number) = number {
             found.push((number, path));
         }
     }
     found.sort();
-    Ok(found.into_iter().map(|(_, p)| p).collect())
+    Ok(found)
 }
 
 /// Reads every partition file in `files_dir` and writes month.svg
 /// atomically; unreadable files are skipped and reported.
 pub fn render_files(files_dir: &Path) -> anyhow::Result<ChartReport> {
-    let mut report = ChartReport {
-        path: files_dir.join(CHART_FILE),
-        ..ChartReport::default()
-    };
-    let mut all = Vec::new();
-    let files =
-        partition_files(files_dir).with_context(|| format!("listing {}", files_dir.display()))?;
-    for path in files {
-        let parsed = fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| parse_partition_json(&text).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(partition) => {
-                report.files_read += 1;
-                all.push(partition.aggregates);
-            }
-            // Removed between listing and reading: a missing file is normal.
-            Err(_) if !path.exists() => {}
-            Err(reason) => report.skipped.push((path, reason)),
+    ChartRenderer::new(files_dir.to_path_buf()).render(&BTreeMap::new())
+}
+
+/// Identifies one version of a file: partition files are replaced by
+/// rename, so a new version has a new inode as well as a new mtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    inode: u64,
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+impl FileVersion {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = fs::metadata(path)?;
+        Ok(FileVersion {
+            inode: inode(&meta),
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
+    }
+}
+
+#[cfg(unix)]
+fn inode(meta: &fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(meta)
+}
+
+#[cfg(not(unix))]
+fn inode(_: &fs::Metadata) -> u64 {
+    0
+}
+
+/// Renders month.svg again and again (the exporter): partitions whose
+/// statistics the caller holds are taken from memory, and other processes'
+/// partition files are parsed only when they changed. Parsing every file
+/// on every rendering cost more than everything else the exporter did.
+pub struct ChartRenderer {
+    files_dir: PathBuf,
+    parsed: BTreeMap<PathBuf, (FileVersion, ChartInput)>,
+}
+
+impl ChartRenderer {
+    pub fn new(files_dir: PathBuf) -> Self {
+        ChartRenderer {
+            files_dir,
+            parsed: BTreeMap::new(),
         }
     }
-    report.bars = latest_bars(&all);
-    let svg = render_svg(&report.bars)?;
-    atomic_file::write(&report.path, svg.as_bytes())
-        .with_context(|| format!("writing {}", report.path.display()))?;
-    Ok(report)
+
+    /// Writes month.svg from `own` (partition -> input, for partitions this
+    /// process publishes) and every other partition file in the folder.
+    pub fn render(
+        &mut self,
+        own: &BTreeMap<PartitionId, ChartInput>,
+    ) -> anyhow::Result<ChartReport> {
+        let mut report = ChartReport {
+            path: self.files_dir.join(CHART_FILE),
+            ..ChartReport::default()
+        };
+        let mut inputs: Vec<ChartInput> = own.values().copied().collect();
+        report.files_read = inputs.len();
+        let files = partition_files(&self.files_dir)
+            .with_context(|| format!("listing {}", self.files_dir.display()))?;
+        let mut seen = BTreeMap::new();
+        for (partition, path) in files {
+            if own.contains_key(&partition) {
+                continue;
+            }
+            match self.read(&path) {
+                Ok(input) => {
+                    report.files_read += 1;
+                    inputs.push(input);
+                    seen.insert(path, ());
+                }
+                // Removed between listing and reading: a missing file is normal.
+                Err(_) if !path.exists() => {}
+                Err(reason) => report.skipped.push((path, reason)),
+            }
+        }
+        self.parsed.retain(|path, _| seen.contains_key(path));
+        report.bars = bars_of(&inputs);
+        let svg = render_svg(&report.bars)?;
+        atomic_file::write(&report.path, svg.as_bytes())
+            .with_context(|| format!("writing {}", report.path.display()))?;
+        Ok(report)
+    }
+
+    /// One file's chart input, from the cache when the file is unchanged.
+    fn read(&mut self, path: &Path) -> Result<ChartInput, String> {
+        let version = FileVersion::of(path).map_err(|e| e.to_string())?;
+        if let Some((cached, input)) = self.parsed.get(path) {
+            if *cached == version {
+                return Ok(*input);
+            }
+        }
+        let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let partition = parse_partition_json(&text).map_err(|e| e.to_string())?;
+        let input = chart_input(&partition.aggregates);
+        // The version read before the text: a change in between is seen
+        // as a change next time, never missed.
+        self.parsed.insert(path.to_path_buf(), (version, input));
+        Ok(input)
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +352,77 @@ mod tests {
         let labels: Vec<_> = bars.iter().map(|b| b.label.as_str()).collect();
         assert_eq!(labels, ["January-2010", "February-2010", "March-2009"]);
         assert_eq!(bars[0].avg, 37.25);
+    }
+
+    fn january(year: i32, avg: f64) -> Aggregates {
+        let mut agg = Aggregates::new();
+        agg.insert(MonthYear { month: 1, year }, stats(avg));
+        agg
+    }
+
+    fn write_partition(dir: &Path, partition: PartitionId, aggregates: &Aggregates) {
+        let text = crate::export::partition_json(partition, 1, aggregates);
+        atomic_file::write(
+            &dir.join(format!("partition-{partition}.json")),
+            text.as_bytes(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn renderer_takes_own_partitions_from_memory_and_rereads_changed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut renderer = ChartRenderer::new(dir.path().to_path_buf());
+        // Partition 0 is ours, and memory wins over its file (after a reset
+        // the file may still show what was counted before).
+        write_partition(dir.path(), 0, &january(2001, 1.0));
+        let own = BTreeMap::from([(0, chart_input(&january(2000, 0.5)))]);
+        let report = renderer.render(&own).unwrap();
+        assert_eq!(report.files_read, 1);
+        assert_eq!(report.bars[0].label, "January-2000");
+        // Partition 1 belongs to another process: read, and read again
+        // whenever it changes.
+        write_partition(dir.path(), 1, &january(2002, 2.0));
+        let report = renderer.render(&own).unwrap();
+        assert_eq!(report.files_read, 2);
+        assert_eq!(report.bars[0].label, "January-2002");
+        write_partition(dir.path(), 1, &january(2004, 4.0));
+        let report = renderer.render(&own).unwrap();
+        assert_eq!(
+            (report.bars[0].label.as_str(), report.bars[0].avg),
+            ("January-2004", 4.0)
+        );
+        let svg = std::fs::read_to_string(dir.path().join(CHART_FILE)).unwrap();
+        assert!(svg.contains("January-2004"));
+        // A file that stops parsing is reported, and the chart goes on.
+        std::fs::write(dir.path().join("partition-1.json"), "{").unwrap();
+        let report = renderer.render(&own).unwrap();
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.bars[0].label, "January-2000");
+    }
+
+    #[test]
+    fn chart_input_is_the_latest_year_of_each_chart_month() {
+        let mut agg = january(1999, 1.0);
+        agg.extend(january(2005, 5.0));
+        agg.insert(
+            MonthYear {
+                month: 2,
+                year: 1990,
+            },
+            stats(2.0),
+        );
+        agg.insert(
+            MonthYear {
+                month: 4,
+                year: 2020,
+            },
+            stats(9.0),
+        );
+        assert_eq!(
+            chart_input(&agg),
+            [Some((2005, 5.0)), Some((1990, 2.0)), None]
+        );
     }
 
     #[test]

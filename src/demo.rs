@@ -112,7 +112,10 @@ fn clear(files_dir: &Path) -> anyhow::Result<()> {
     if state.exists() {
         std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
     }
-    let mut leftovers = partition_files(files_dir)?;
+    let mut leftovers: Vec<PathBuf> = partition_files(files_dir)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect();
     leftovers.push(files_dir.join(chart::CHART_FILE));
     leftovers.push(record_path(files_dir));
     for path in leftovers {
@@ -130,7 +133,7 @@ fn clear(files_dir: &Path) -> anyhow::Result<()> {
 fn days_published(files_dir: &Path) -> (u64, i64) {
     let mut days = 0;
     let mut offsets = 0;
-    for path in partition_files(files_dir).unwrap_or_default() {
+    for (_, path) in partition_files(files_dir).unwrap_or_default() {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
@@ -296,7 +299,7 @@ fn record(files_dir: &Path, seed: u64, days: u64) -> anyhow::Result<()> {
 
 fn summarize(files_dir: &Path) -> anyhow::Result<()> {
     println!("demo: done. The dashboard's files:");
-    for path in partition_files(files_dir)? {
+    for (_, path) in partition_files(files_dir)? {
         let text = std::fs::read_to_string(&path)?;
         let p = parse_partition_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let days: u64 = p.aggregates.values().map(|s| s.count).sum();

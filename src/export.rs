@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::aggregate::{Aggregates, MonthStats, MonthYear};
 use crate::atomic_file;
-use crate::chart;
+use crate::chart::{chart_input, ChartInput, ChartRenderer};
 use crate::kafka::{Offset, PartitionId};
 use crate::report::{month_name, month_number, DateText, DATE_FORMAT};
 use crate::state::Snapshot;
@@ -203,10 +203,43 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// fsyncs; newer snapshots replace a waiting one. Well under the ~100 ms a
 /// dashboard may lag, and never reached at the assignment's pace.
 const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
+/// A partition waits this many times its last publish's duration before the
+/// next one: with years of statistics a publish takes milliseconds, and
+/// publishing at the minimum interval would spend a core on files nobody
+/// reads that fast. Small partitions keep the minimum interval.
+const PUBLISH_COST_FACTOR: u32 = 40;
+/// The longest a partition's newest snapshot waits for its publish.
+const MAX_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When a partition may publish again after a publish that took `cost`.
+fn publish_interval(cost: Duration) -> Duration {
+    cost.saturating_mul(PUBLISH_COST_FACTOR)
+        .clamp(MIN_PUBLISH_INTERVAL, MAX_PUBLISH_INTERVAL)
+}
+
+/// A committed snapshot, sent to the exporter.
+pub struct Committed {
+    pub snapshot: Arc<Snapshot>,
+    /// More is waiting in the log (the partition is catching up): its
+    /// publishes may be spaced by their cost, as a newer snapshot follows
+    /// soon. A partition that is not behind publishes at the minimum
+    /// interval.
+    pub backlog: bool,
+}
+
+impl Committed {
+    /// A snapshot to publish as soon as the minimum interval allows.
+    pub fn current(snapshot: Arc<Snapshot>) -> Self {
+        Committed {
+            snapshot,
+            backlog: false,
+        }
+    }
+}
 
 /// The exporter thread and the sending side of its channel.
 pub struct Exporter {
-    sender: Option<Sender<Arc<Snapshot>>>,
+    sender: Option<Sender<Committed>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -225,7 +258,7 @@ impl Exporter {
     }
 
     /// A sender for one worker; the exporter ends when all are dropped.
-    pub fn sender(&self) -> Sender<Arc<Snapshot>> {
+    pub fn sender(&self) -> Sender<Committed> {
         self.sender.clone().expect("sender is kept until finish")
     }
 
@@ -257,7 +290,11 @@ struct ExportLoop {
     published: BTreeMap<PartitionId, (u64, Offset)>,
     /// Snapshots waiting to be written, each with when it may be.
     pending: BTreeMap<PartitionId, (Arc<Snapshot>, Instant)>,
-    last_publish: BTreeMap<PartitionId, Instant>,
+    /// When each partition's last publish ended, and what it took.
+    last_publish: BTreeMap<PartitionId, (Instant, Duration)>,
+    /// What the chart needs of each partition published here.
+    chart_inputs: BTreeMap<PartitionId, ChartInput>,
+    chart: ChartRenderer,
     chart_due: bool,
     last_chart: Option<Instant>,
     last_error_log: Option<Instant>,
@@ -266,18 +303,20 @@ struct ExportLoop {
 impl ExportLoop {
     fn new(files_dir: PathBuf, render_chart: bool) -> Self {
         ExportLoop {
+            chart: ChartRenderer::new(files_dir.clone()),
             files_dir,
             render_chart,
             published: BTreeMap::new(),
             pending: BTreeMap::new(),
             last_publish: BTreeMap::new(),
+            chart_inputs: BTreeMap::new(),
             chart_due: false,
             last_chart: None,
             last_error_log: None,
         }
     }
 
-    fn run(mut self, receiver: Receiver<Arc<Snapshot>>) {
+    fn run(mut self, receiver: Receiver<Committed>) {
         loop {
             let wait = self.next_wakeup();
             let first = match wait {
@@ -285,12 +324,12 @@ impl ExportLoop {
                 Some(timeout) => receiver.recv_timeout(timeout),
             };
             match first {
-                Ok(snapshot) => self.accept(snapshot),
+                Ok(committed) => self.accept(committed),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            while let Ok(snapshot) = receiver.try_recv() {
-                self.accept(snapshot);
+            while let Ok(committed) = receiver.try_recv() {
+                self.accept(committed);
             }
             self.publish_due(false);
             self.maybe_render_chart(false);
@@ -315,7 +354,8 @@ impl ExportLoop {
         wake
     }
 
-    fn accept(&mut self, snapshot: Arc<Snapshot>) {
+    fn accept(&mut self, committed: Committed) {
+        let Committed { snapshot, backlog } = committed;
         let partition = snapshot.partition;
         let newer = |s: &Snapshot, than: (u64, Offset)| (s.epoch, s.next_offset) >= than;
         if let Some(&done) = self.published.get(&partition) {
@@ -323,14 +363,17 @@ impl ExportLoop {
                 return;
             }
         }
-        let due = match self.pending.get(&partition) {
-            Some((queued, _)) if !newer(&snapshot, (queued.epoch, queued.next_offset)) => return,
-            Some((_, due)) => *due,
-            None => self
-                .last_publish
-                .get(&partition)
-                .map_or_else(Instant::now, |t| *t + MIN_PUBLISH_INTERVAL),
+        let mut due = match self.last_publish.get(&partition) {
+            None => Instant::now(),
+            Some(&(ended, cost)) if backlog => ended + publish_interval(cost),
+            Some(&(ended, _)) => ended + MIN_PUBLISH_INTERVAL,
         };
+        if let Some((queued, queued_due)) = self.pending.get(&partition) {
+            if !newer(&snapshot, (queued.epoch, queued.next_offset)) {
+                return;
+            }
+            due = due.min(*queued_due);
+        }
         self.pending.insert(partition, (snapshot, due));
     }
 
@@ -347,12 +390,18 @@ impl ExportLoop {
             let Some((snapshot, _)) = self.pending.remove(&partition) else {
                 continue;
             };
+            let started = Instant::now();
             match publish(&self.files_dir, &snapshot) {
                 Ok(()) => {
                     self.published
                         .insert(partition, (snapshot.epoch, snapshot.next_offset));
-                    self.last_publish.insert(partition, Instant::now());
-                    self.chart_due = self.render_chart;
+                    self.last_publish
+                        .insert(partition, (Instant::now(), started.elapsed()));
+                    if self.render_chart {
+                        self.chart_inputs
+                            .insert(partition, chart_input(&snapshot.aggregates));
+                        self.chart_due = true;
+                    }
                 }
                 Err(error) => {
                     let quiet = self
@@ -385,7 +434,7 @@ impl ExportLoop {
         }
         self.last_chart = Some(Instant::now());
         self.chart_due = false;
-        if let Err(error) = chart::render_files(&self.files_dir) {
+        if let Err(error) = self.chart.render(&self.chart_inputs) {
             log::warn!("cannot render month.svg: {error:#}");
         }
     }
@@ -520,37 +569,85 @@ mod tests {
         }
     }
 
+    fn empty_snapshot(partition: PartitionId, epoch: u64, next_offset: Offset) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            partition,
+            epoch,
+            next_offset,
+            aggregates: Aggregates::new(),
+            counters: Default::default(),
+            last_record: None,
+            anchor: None,
+            last_commit_unix_ms: None,
+        })
+    }
+
     #[test]
     fn exporter_never_publishes_an_older_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let mut exporter = ExportLoop::new(dir.path().to_path_buf(), false);
-        let snap = |epoch, offset| {
-            Arc::new(Snapshot {
-                partition: 0,
-                epoch,
-                next_offset: offset,
-                aggregates: Aggregates::new(),
-                counters: Default::default(),
-                last_record: None,
-                anchor: None,
-                last_commit_unix_ms: None,
-            })
-        };
+        let snap = |epoch, offset| empty_snapshot(0, epoch, offset);
         let offset_on_disk = || {
             let text = std::fs::read_to_string(partition_file(dir.path(), 0)).unwrap();
             parse_partition_json(&text).unwrap().offset
         };
-        exporter.accept(snap(0, 10));
-        exporter.accept(snap(0, 5));
+        exporter.accept(Committed::current(snap(0, 10)));
+        exporter.accept(Committed::current(snap(0, 5)));
         exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 10);
-        exporter.accept(snap(0, 7));
+        exporter.accept(Committed::current(snap(0, 7)));
         exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 10);
         // A reset (new epoch) may go back to 0.
-        exporter.accept(snap(1, 0));
+        exporter.accept(Committed::current(snap(1, 0)));
         exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 0);
+    }
+
+    #[test]
+    fn publishes_are_spaced_by_their_cost_only_while_catching_up() {
+        assert_eq!(
+            publish_interval(Duration::from_micros(300)),
+            MIN_PUBLISH_INTERVAL
+        );
+        assert_eq!(
+            publish_interval(Duration::from_millis(5)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            publish_interval(Duration::from_secs(2)),
+            MAX_PUBLISH_INTERVAL
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut exporter = ExportLoop::new(dir.path().to_path_buf(), false);
+        let snap = |offset| empty_snapshot(0, 0, offset);
+        // As if the last publish ended now and took 5 ms.
+        let ended = Instant::now();
+        exporter
+            .last_publish
+            .insert(0, (ended, Duration::from_millis(5)));
+        exporter.accept(Committed {
+            snapshot: snap(1),
+            backlog: true,
+        });
+        assert_eq!(exporter.pending[&0].1, ended + Duration::from_millis(200));
+        // Another full batch keeps the wait; a batch that drained the
+        // backlog is published at the minimum interval.
+        exporter.accept(Committed {
+            snapshot: snap(2),
+            backlog: true,
+        });
+        assert_eq!(exporter.pending[&0].1, ended + Duration::from_millis(200));
+        exporter.accept(Committed::current(snap(3)));
+        assert_eq!(exporter.pending[&0].0.next_offset, 3);
+        assert_eq!(exporter.pending[&0].1, ended + MIN_PUBLISH_INTERVAL);
+        // The first publish of a partition waits for nothing.
+        exporter.accept(Committed {
+            snapshot: empty_snapshot(1, 0, 1),
+            backlog: true,
+        });
+        assert!(exporter.pending[&1].1 <= Instant::now());
     }
 
     #[test]
@@ -558,7 +655,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("not-yet");
         let mut exporter = ExportLoop::new(missing.clone(), false);
-        exporter.accept(Arc::new(Snapshot {
+        exporter.accept(Committed::current(Arc::new(Snapshot {
             partition: 3,
             epoch: 0,
             next_offset: 4,
@@ -567,7 +664,7 @@ mod tests {
             last_record: None,
             anchor: None,
             last_commit_unix_ms: None,
-        }));
+        })));
         exporter.publish_due(true);
         assert_eq!(exporter.pending.len(), 1);
         std::fs::create_dir(&missing).unwrap();

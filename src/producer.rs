@@ -91,14 +91,26 @@ impl ProducerContext for DeliveryReporter {
     }
 }
 
-/// The production settings: see the module comment for why each is there.
-pub fn production_settings(config: &mut ClientConfig) -> &mut ClientConfig {
+/// The production settings for reports sent `delay` apart: see the module
+/// comment for why each is there.
+pub fn production_settings(config: &mut ClientConfig, delay: Duration) -> &mut ClientConfig {
     config
         .set("acks", "all")
         .set("message.send.max.retries", "10")
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
+        .set("linger.ms", linger_ms(delay))
+}
+
+/// How long librdkafka holds a report to batch it with later ones: at full
+/// speed, 5 ms fills batches; a paced report has nothing to wait for, and
+/// lingering would only make it 5 ms staler on the dashboard.
+fn linger_ms(delay: Duration) -> &'static str {
+    if delay.is_zero() {
+        "5"
+    } else {
+        "0"
+    }
 }
 
 /// Sends reports to an existing topic until `days` are sent or shutdown.
@@ -109,9 +121,10 @@ pub struct ReportSender {
 }
 
 impl ReportSender {
-    pub fn new(bootstrap_servers: &str, topic: &str) -> anyhow::Result<Self> {
+    /// A sender for reports sent `delay` apart (zero: as fast as possible).
+    pub fn new(bootstrap_servers: &str, topic: &str, delay: Duration) -> anyhow::Result<Self> {
         let counters = Arc::new(DeliveryCounters::default());
-        let producer = production_settings(&mut client_config(bootstrap_servers))
+        let producer = production_settings(&mut client_config(bootstrap_servers), delay)
             .create_with_context(DeliveryReporter {
                 counters: counters.clone(),
             })
@@ -164,7 +177,7 @@ pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<Produ
     }
     drop(admin);
 
-    let sender = ReportSender::new(&config.bootstrap_servers, &config.topic)?;
+    let sender = ReportSender::new(&config.bootstrap_servers, &config.topic, config.delay)?;
     let mut generator = WeatherGenerator::new(config.seed);
     while generator.days_generated() < config.skip_days {
         generator.next();

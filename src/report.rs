@@ -140,22 +140,46 @@ pub fn decode(value: &[u8]) -> Result<Report, Malformed> {
 /// Decodes and validates a message: the value is a `Report`, its date
 /// parses, the key names that date's month, and degrees are finite.
 pub fn validate(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<ValidReport, Malformed> {
-    let report = decode(value.ok_or(Malformed::NoValue)?)?;
-    let date = parse_date(&report.date).ok_or_else(|| Malformed::BadDate(report.date.clone()))?;
-    let expected = key_for(date).as_bytes();
-    if key != Some(expected) {
-        return Err(Malformed::KeyMismatch {
-            key: String::from_utf8_lossy(key.unwrap_or_default()).into_owned(),
+    Validator::default().validate(key, value)
+}
+
+/// [`validate`] for a stream of messages: decodes into one reused `Report`,
+/// so a message costs no allocation.
+#[derive(Default)]
+pub struct Validator {
+    scratch: Report,
+}
+
+impl Validator {
+    pub fn validate(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<ValidReport, Malformed> {
+        let value = value.ok_or(Malformed::NoValue)?;
+        let report = &mut self.scratch;
+        // `merge` into a cleared message is `decode`, reusing the date's buffer.
+        report.clear();
+        report
+            .merge(value)
+            .map_err(|e| Malformed::NotAReport(e.to_string()))?;
+        let date =
+            parse_date(&report.date).ok_or_else(|| Malformed::BadDate(report.date.clone()))?;
+        let expected = key_for(date).as_bytes();
+        if key != Some(expected) {
+            return Err(Malformed::KeyMismatch {
+                key: String::from_utf8_lossy(key.unwrap_or_default()).into_owned(),
+                date,
+            });
+        }
+        if !report.degrees.is_finite() {
+            return Err(Malformed::NonFinite(report.degrees));
+        }
+        Ok(ValidReport {
             date,
-        });
+            degrees: report.degrees,
+        })
     }
-    if !report.degrees.is_finite() {
-        return Err(Malformed::NonFinite(report.degrees));
-    }
-    Ok(ValidReport {
-        date,
-        degrees: report.degrees,
-    })
 }
 
 #[cfg(test)]
@@ -164,6 +188,26 @@ mod tests {
 
     fn d(y: i32, m: u32, day: u32) -> NaiveDate {
         NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    #[test]
+    fn a_reused_validator_keeps_nothing_from_earlier_messages() {
+        let mut validator = Validator::default();
+        let first = encode(d(2000, 12, 26), 31.5);
+        assert!(validator.validate(Some(b"December"), Some(&first)).is_ok());
+        // Field 2 only: a date left over from the message before would pass.
+        let degrees_only = Report {
+            date: String::new(),
+            degrees: 40.0,
+        }
+        .encode_to_vec();
+        assert_eq!(
+            validator.validate(Some(b"December"), Some(&degrees_only)),
+            Err(Malformed::BadDate(String::new()))
+        );
+        let second = encode(d(2001, 1, 2), -3.25);
+        let r = validator.validate(Some(b"January"), Some(&second)).unwrap();
+        assert_eq!((r.date, r.degrees), (d(2001, 1, 2), -3.25));
     }
 
     #[test]
