@@ -247,9 +247,44 @@ fn bench_fold() {
 
 /// Produces `reports` with the producer and with a raw producer; returns
 /// the producer's topic, which the catch-up section reads.
+/// Rounds of the producer comparison: alternating, so that neither side
+/// always meets a fresher broker; the best round of each side is reported.
+const PRODUCER_ROUNDS: usize = 2;
+
 fn bench_producer(broker: &Broker, reports: u64) -> String {
     println!("\n== producer: {reports} reports, --delay 0, acks=all + idempotence ==");
     let days = days_for(reports);
+    // (reports/s, CPU seconds per report) of the best round.
+    let mut ours_best = (0.0_f64, f64::NAN);
+    let mut raw_best = (0.0_f64, f64::NAN);
+    let mut first_topic = None;
+    for _ in 0..PRODUCER_ROUNDS {
+        let (topic, rate, cpu_per) = producer_ours(broker, days);
+        first_topic.get_or_insert(topic);
+        if rate > ours_best.0 {
+            ours_best = (rate, cpu_per);
+        }
+        let (rate, cpu_per) = producer_raw(broker, reports);
+        if rate > raw_best.0 {
+            raw_best = (rate, cpu_per);
+        }
+    }
+    println!(
+        "  raw librdkafka producer: {:>9.0} reports/s, {:.2} us CPU/report (best of {PRODUCER_ROUNDS})",
+        raw_best.0,
+        raw_best.1 * 1e6
+    );
+    println!(
+        "  producer (ours):         {:>9.0} reports/s, {:.2} us CPU/report  => {:.2} of raw",
+        ours_best.0,
+        ours_best.1 * 1e6,
+        ours_best.0 / raw_best.0
+    );
+    first_topic.expect("at least one round")
+}
+
+/// Our producer, `days` days: (topic, reports/s, CPU seconds per report).
+fn producer_ours(broker: &Broker, days: u64) -> (String, f64, f64) {
     let topic = unique_topic("bench-producer");
     let config = ProducerConfig {
         bootstrap_servers: broker.bootstrap.clone(),
@@ -266,10 +301,15 @@ fn bench_producer(broker: &Broker, reports: u64) -> String {
     let cpu = own_cpu_seconds();
     let started = Instant::now();
     let summary = weatherstream::producer::run(&config, &Shutdown::new()).unwrap();
-    let ours_wall = started.elapsed().as_secs_f64();
-    let ours_cpu = own_cpu_seconds() - cpu;
-    let ours_rate = summary.delivered as f64 / ours_wall;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds() - cpu;
+    let delivered = summary.delivered as f64;
+    (topic, delivered / wall, cpu / delivered)
+}
 
+/// A raw producer with the same settings sending `reports` same-size
+/// payloads: (reports/s, CPU seconds per report).
+fn producer_raw(broker: &Broker, reports: u64) -> (f64, f64) {
     let raw_topic = unique_topic("bench-raw");
     let cpu = own_cpu_seconds();
     let started = Instant::now();
@@ -284,7 +324,7 @@ fn bench_producer(broker: &Broker, reports: u64) -> String {
     .create()
     .unwrap();
     let payload = report::encode(NaiveDate::from_ymd_opt(1990, 1, 1).unwrap(), 12.3456);
-    for i in 0..summary.sent {
+    for i in 0..reports {
         let mut record = BaseRecord::to(&raw_topic)
             .key(MONTH_NAMES[(i / 31 % 12) as usize])
             .payload(&payload);
@@ -299,19 +339,9 @@ fn bench_producer(broker: &Broker, reports: u64) -> String {
         }
     }
     producer.flush(Duration::from_secs(120)).unwrap();
-    let raw_wall = started.elapsed().as_secs_f64();
-    let raw_cpu = own_cpu_seconds() - cpu;
-    let raw_rate = summary.sent as f64 / raw_wall;
-    println!(
-        "  raw librdkafka producer: {raw_rate:>9.0} reports/s, {:.2} us CPU/report",
-        raw_cpu / summary.sent as f64 * 1e6
-    );
-    println!(
-        "  producer (ours):         {ours_rate:>9.0} reports/s, {:.2} us CPU/report  => {:.2} of raw",
-        ours_cpu / summary.delivered as f64 * 1e6,
-        ours_rate / raw_rate
-    );
-    topic
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds() - cpu;
+    (reports as f64 / wall, cpu / reports as f64)
 }
 
 fn bench_catchup(broker: &Broker, topic: &str) {
@@ -480,7 +510,8 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
             }
         })
     };
-    let sender = ReportSender::new(&broker.bootstrap, &topic, Duration::from_millis(100)).unwrap();
+    let mut sender =
+        ReportSender::new(&broker.bootstrap, &topic, Duration::from_millis(100)).unwrap();
     let mut sent: BTreeMap<NaiveDate, Instant> = BTreeMap::new();
     let started = Instant::now();
     let mut next = Instant::now();

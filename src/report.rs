@@ -85,11 +85,29 @@ impl std::fmt::Display for DateText {
 
 /// Encodes a report as the message value.
 pub fn encode(date: NaiveDate, degrees: f64) -> Vec<u8> {
-    Report {
-        date: DateText::new(date).as_str().to_owned(),
-        degrees,
+    Encoder::default().encode(date, degrees).to_vec()
+}
+
+/// [`encode`] for a stream of reports: one reused `Report` and buffer, so a
+/// report costs no allocation.
+#[derive(Default)]
+pub struct Encoder {
+    report: Report,
+    buffer: Vec<u8>,
+}
+
+impl Encoder {
+    /// The value for a report; valid until the next call.
+    pub fn encode(&mut self, date: NaiveDate, degrees: f64) -> &[u8] {
+        self.report.date.clear();
+        self.report.date.push_str(DateText::new(date).as_str());
+        self.report.degrees = degrees;
+        self.buffer.clear();
+        self.report
+            .encode(&mut self.buffer)
+            .expect("a Vec grows to fit");
+        &self.buffer
     }
-    .encode_to_vec()
 }
 
 /// Parses exactly `YYYY-MM-DD` (four-digit year, two-digit month and day).
@@ -208,6 +226,25 @@ mod tests {
         let second = encode(d(2001, 1, 2), -3.25);
         let r = validator.validate(Some(b"January"), Some(&second)).unwrap();
         assert_eq!((r.date, r.degrees), (d(2001, 1, 2), -3.25));
+    }
+
+    #[test]
+    fn a_reused_encoder_matches_a_fresh_one() {
+        let mut encoder = Encoder::default();
+        for (date, degrees) in [
+            (d(2000, 12, 26), 31.5235),
+            (d(1, 1, 1), 0.0),
+            (d(9999, 12, 31), -0.0),
+            (d(1990, 2, 3), -40.125),
+        ] {
+            let fresh = Report {
+                date: date.format(DATE_FORMAT).to_string(),
+                degrees,
+            }
+            .encode_to_vec();
+            assert_eq!(encoder.encode(date, degrees), fresh.as_slice());
+            assert_eq!(encode(date, degrees), fresh);
+        }
     }
 
     #[test]
