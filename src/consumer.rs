@@ -349,6 +349,10 @@ impl WorkerHandle {
     }
 }
 
+/// How long a worker gets nothing, with the log going on, before it reads
+/// from earlier offsets.
+const FETCH_STALL: Duration = Duration::from_secs(1);
+
 fn partition_consumer(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
     client_config(bootstrap_servers)
         // Needed by librdkafka; assign() joins no group and commits nothing.
@@ -377,8 +381,9 @@ fn partition_consumer(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
         // librdkafka allocates a ~280-byte structure per message of a fetch
         // response at once. Some brokers (tansu) ignore the per-partition
         // limit and answer with megabytes; this total caps a response, so
-        // one client's queue stays a few MiB. (It must not be below
-        // message.max.bytes, which a consumer does not otherwise use.)
+        // one client's queue stays a few MiB. A larger record batch still
+        // comes whole (Kafka since 0.10.1). message.max.bytes must not
+        // exceed it; a consumer does not otherwise use it.
         .set("fetch.max.bytes", "524288")
         .set("message.max.bytes", "524288")
         .create()
@@ -849,6 +854,10 @@ impl PartitionWorker {
         let mut last_lag = Instant::now();
         // The gap being re-read, and how far back the last re-read started.
         let mut refetch: Option<(Offset, usize)> = None;
+        // The offset reached, when it was first reached, and how often
+        // nothing came since.
+        let mut progressed = (self.state.snapshot().next_offset, Instant::now());
+        let mut stalls = 0;
         while !self.shutdown.requested() {
             let mut verdict = None;
             if let Some(t) = &trigger {
@@ -898,6 +907,26 @@ impl PartitionWorker {
                 } else {
                     log::warn!("partition {partition}: offsets from {expected} are missing from the log even when read from the start; going on after them");
                     self.accepted_gap = Some(expected);
+                }
+            }
+            let next_offset = self.progress.next_offset.load(Ordering::Relaxed);
+            if next_offset != progressed.0 {
+                progressed = (next_offset, Instant::now());
+                stalls = 0;
+            } else if progressed.1.elapsed() >= FETCH_STALL
+                && cached_high_watermark(&consumer, &topic, partition)
+                    .is_some_and(|high| high > next_offset)
+            {
+                // Nothing arrives although the log goes on: tansu's
+                // in-memory engine answers nothing for an offset inside a
+                // record batch when no later batch exists. Read from
+                // earlier, step by step, once per stall (the last counted
+                // record is compared on the way: see consume_batch).
+                progressed.1 = Instant::now();
+                stalls += 1;
+                if let Some(back) = REFETCH_BACK.get(stalls - 1).filter(|_| next_offset > 0) {
+                    log::debug!("partition {partition}: nothing from offset {next_offset}; reading from {back} earlier");
+                    consumer = self.client_at(next_offset.saturating_sub(*back).max(0))?;
                 }
             }
             if last_lag.elapsed() >= LAG_INTERVAL {
@@ -1041,7 +1070,21 @@ impl PartitionWorker {
             };
             let offset = message.offset();
             if offset < next_offset {
-                // Already counted (re-delivered after a seek): skip.
+                // Already counted (re-delivered after a seek, or read again
+                // from earlier): skip. The last counted record must still
+                // be the one counted; if not, the topic was re-created.
+                let counted = snapshot.last_record.filter(|fp| fp.offset == offset);
+                if counted.is_some_and(|fp| {
+                    fp != Fingerprint::of(offset, message.key(), message.payload())
+                }) {
+                    trigger = Some(Trigger {
+                        reason: format!(
+                            "the record at offset {offset} differs from the one counted"
+                        ),
+                        at_offset: None,
+                    });
+                    break;
+                }
                 continue;
             }
             if offset > next_offset && self.accepted_gap != Some(next_offset) {
