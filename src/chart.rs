@@ -1,7 +1,8 @@
 //! month.svg: a bar chart of the average max temperature of the latest
 //! recorded year of January, February and March, gathered from every
-//! partition-*.json in the files folder (whichever partition holds them).
-//! Rendered with plotters' SVG backend; labels are SVG `<text>`.
+//! partition-*.json in the files folder (whichever partition holds them);
+//! the exporter supplies its own partitions from memory. Rendered with
+//! plotters' SVG backend; labels are SVG `<text>`.
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,7 +1,8 @@
 //! Materializes committed state as the dashboard's files: the
 //! `partition-N.json` format (rendering and, for import and plotting,
 //! parsing), and the exporter thread that publishes snapshots as they are
-//! committed. It coalesces bursts, never publishes an older snapshot over a
+//! committed. It coalesces bursts, spaces the publishes of a partition that
+//! is catching up by their cost, never publishes an older snapshot over a
 //! newer one, and keeps a snapshot it could not write until it can.
 
 use std::collections::BTreeMap;

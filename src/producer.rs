@@ -4,6 +4,8 @@
 //! idempotence (a retry never reorders, which the consumer's date rule
 //! would otherwise turn into a lost report), and murmur2 partitioning (the
 //! same month-to-partition placement as the Java client and kafka-python).
+//! Reports are generated and encoded ahead on a `generator` thread that the
+//! sending loop owns and ends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
