@@ -350,6 +350,15 @@ fn producer_raw(broker: &Broker, reports: u64) -> (f64, f64) {
     (reports as f64 / wall, cpu / reports as f64)
 }
 
+/// The bench topic's 4 partitions, each from `start`.
+fn all_partitions(topic: &str, start: rdkafka::Offset) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for p in 0..4 {
+        list.add_partition_offset(topic, p, start).unwrap();
+    }
+    list
+}
+
 fn bench_catchup(broker: &Broker, topic: &str) {
     // Count what is there by reading it (watermarks are not trusted).
     let consumer: BaseConsumer = ClientConfig::new()
@@ -362,11 +371,7 @@ fn bench_catchup(broker: &Broker, topic: &str) {
         .set("fetch.queue.backoff.ms", "10")
         .create()
         .unwrap();
-    let mut list = TopicPartitionList::new();
-    for p in 0..4 {
-        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
+    let list = all_partitions(topic, rdkafka::Offset::Beginning);
     let cpu = own_cpu_seconds();
     let started = Instant::now();
     consumer.assign(&list).unwrap();
@@ -479,12 +484,8 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
                 .set("fetch.wait.max.ms", "5")
                 .create()
                 .unwrap();
-            let mut list = TopicPartitionList::new();
-            for p in 0..4 {
-                list.add_partition_offset(&topic, p, rdkafka::Offset::Offset(0))
-                    .unwrap();
-            }
-            c.assign(&list).unwrap();
+            c.assign(&all_partitions(&topic, rdkafka::Offset::Offset(0)))
+                .unwrap();
             while !stop.load(Ordering::SeqCst) {
                 if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
                     if let Ok(r) = report::validate(m.key(), m.payload()) {

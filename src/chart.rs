@@ -88,12 +88,6 @@ pub fn bars_of<'a>(inputs: impl IntoIterator<Item = &'a ChartInput>) -> Vec<Bar>
         .collect()
 }
 
-/// The latest year of each chart month across all partitions' statistics.
-pub fn latest_bars<'a>(partitions: impl IntoIterator<Item = &'a Aggregates>) -> Vec<Bar> {
-    let inputs: Vec<ChartInput> = partitions.into_iter().map(chart_input).collect();
-    bars_of(&inputs)
-}
-
 /// Renders the bars as an SVG document.
 pub fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
     let mut svg = String::new();
@@ -349,7 +343,7 @@ mod tests {
             },
             stats(35.0),
         );
-        let bars = latest_bars([&p0, &p1]);
+        let bars = bars_of(&[chart_input(&p0), chart_input(&p1)]);
         let labels: Vec<_> = bars.iter().map(|b| b.label.as_str()).collect();
         assert_eq!(labels, ["January-2010", "February-2010", "March-2009"]);
         assert_eq!(bars[0].avg, 37.25);

@@ -350,7 +350,7 @@ impl WorkerHandle {
 }
 
 /// How long a worker gets nothing, with the log going on, before it reads
-/// from earlier offsets.
+/// from earlier offsets (see [`REFETCH_BACK`]).
 const FETCH_STALL: Duration = Duration::from_secs(1);
 
 fn partition_consumer(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
@@ -816,7 +816,7 @@ struct PartitionWorker {
 }
 
 /// How far back the worker re-reads, step by step, when the broker skips
-/// past the offset it asked for.
+/// past the offset it asked for or answers nothing for it.
 const REFETCH_BACK: [Offset; 4] = [1_000, 10_000, 100_000, Offset::MAX];
 
 /// Why a batch ended early and the partition needs a check.
@@ -854,10 +854,8 @@ impl PartitionWorker {
         let mut last_lag = Instant::now();
         // The gap being re-read, and how far back the last re-read started.
         let mut refetch: Option<(Offset, usize)> = None;
-        // The offset reached, when it was first reached, and how often
-        // nothing came since.
+        // The offset reached, and since when nothing came.
         let mut progressed = (self.state.snapshot().next_offset, Instant::now());
-        let mut stalls = 0;
         while !self.shutdown.requested() {
             let mut verdict = None;
             if let Some(t) = &trigger {
@@ -896,6 +894,28 @@ impl PartitionWorker {
                 consumer = self.client_at(self.state.snapshot().next_offset)?;
             }
             trigger = self.consume_batch(&consumer, cleared_through)?;
+            let next_offset = self.progress.next_offset.load(Ordering::Relaxed);
+            if next_offset != progressed.0 {
+                progressed = (next_offset, Instant::now());
+            } else if self.gap.is_none()
+                && next_offset > 0
+                && progressed.1.elapsed() >= FETCH_STALL
+                && cached_high_watermark(&consumer, &topic, partition)
+                    .is_some_and(|high| high > next_offset)
+            {
+                // Nothing arrives although the log goes on: tansu's
+                // in-memory engine answers nothing for an offset inside a
+                // record batch when no later batch exists. Like a skip past
+                // the offset, read from earlier, step by step (the last
+                // counted record is compared on the way: see consume_batch),
+                // but never give up on the offset for it.
+                progressed.1 = Instant::now();
+                let tried_all = refetch
+                    .is_some_and(|(at, step)| at == next_offset && step + 1 >= REFETCH_BACK.len());
+                if !tried_all {
+                    self.gap = Some(next_offset);
+                }
+            }
             if let Some(expected) = self.gap.take() {
                 let step = match refetch {
                     Some((at, step)) if at == expected => step + 1,
@@ -907,26 +927,6 @@ impl PartitionWorker {
                 } else {
                     log::warn!("partition {partition}: offsets from {expected} are missing from the log even when read from the start; going on after them");
                     self.accepted_gap = Some(expected);
-                }
-            }
-            let next_offset = self.progress.next_offset.load(Ordering::Relaxed);
-            if next_offset != progressed.0 {
-                progressed = (next_offset, Instant::now());
-                stalls = 0;
-            } else if progressed.1.elapsed() >= FETCH_STALL
-                && cached_high_watermark(&consumer, &topic, partition)
-                    .is_some_and(|high| high > next_offset)
-            {
-                // Nothing arrives although the log goes on: tansu's
-                // in-memory engine answers nothing for an offset inside a
-                // record batch when no later batch exists. Read from
-                // earlier, step by step, once per stall (the last counted
-                // record is compared on the way: see consume_batch).
-                progressed.1 = Instant::now();
-                stalls += 1;
-                if let Some(back) = REFETCH_BACK.get(stalls - 1).filter(|_| next_offset > 0) {
-                    log::debug!("partition {partition}: nothing from offset {next_offset}; reading from {back} earlier");
-                    consumer = self.client_at(next_offset.saturating_sub(*back).max(0))?;
                 }
             }
             if last_lag.elapsed() >= LAG_INTERVAL {

@@ -145,18 +145,25 @@ impl ReportSender {
     /// Queues one report, waiting while librdkafka's queue is full.
     pub fn send(&mut self, date: NaiveDate, degrees: f64) -> anyhow::Result<()> {
         // librdkafka copies the value: one buffer serves every report.
-        let mut encoder = std::mem::take(&mut self.encoder);
-        let result = self.send_encoded(date, encoder.encode(date, degrees));
-        self.encoder = encoder;
-        result
+        let value = self.encoder.encode(date, degrees);
+        Self::queue(&self.producer, &self.topic, date, value)
     }
 
     /// Queues the report for `date` whose value is already encoded.
     fn send_encoded(&self, date: NaiveDate, value: &[u8]) -> anyhow::Result<()> {
+        Self::queue(&self.producer, &self.topic, date, value)
+    }
+
+    fn queue(
+        producer: &ThreadedProducer<DeliveryReporter>,
+        topic: &str,
+        date: NaiveDate,
+        value: &[u8],
+    ) -> anyhow::Result<()> {
         let key = report::key_for(date);
-        let mut record = BaseRecord::to(&self.topic).key(key).payload(value);
+        let mut record = BaseRecord::to(topic).key(key).payload(value);
         loop {
-            match self.producer.send(record) {
+            match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The queue drains on its own; a report is never dropped,

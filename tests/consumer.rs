@@ -97,7 +97,7 @@ fn drain_and_check(
         reports_for(days, seed),
         Duration::from_secs(60),
     );
-    wait_for_offsets(files, &end_offsets(&records), 4, Duration::from_secs(90));
+    wait_for_records(files, &records, Duration::from_secs(90));
     for consumer in consumers {
         assert!(consumer.terminate().success(), "{}", consumer.stderr_text());
     }
@@ -112,12 +112,7 @@ fn ten_years_end_to_end_match_an_independent_recomputation() {
     let records = produce_and_read(&broker, &topic, 3650, 7);
     let readers = Readers::start(files.path());
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&records),
-        4,
-        Duration::from_secs(120),
-    );
+    wait_for_records(files.path(), &records, Duration::from_secs(120));
     assert!(consumer.terminate().success(), "{}", consumer.stderr_text());
     let (reads, problems) = readers.finish();
     assert!(problems.is_empty(), "{problems:?}");
@@ -163,12 +158,7 @@ fn a_restart_inside_a_broker_batch_reads_again_instead_of_skipping() {
     });
     first.kill9();
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&records),
-        4,
-        Duration::from_secs(120),
-    );
+    wait_for_records(files.path(), &records, Duration::from_secs(120));
     assert!(consumer.terminate().success());
     assert!(
         !consumer.stderr_text().contains("missing from the log"),
@@ -266,21 +256,11 @@ fn topic_recreated_while_running_and_before_start_up() {
     let files = tempfile::tempdir().unwrap();
     let first = produce_and_read(&broker, &topic, 600, 1);
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&first),
-        4,
-        Duration::from_secs(60),
-    );
+    wait_for_records(files.path(), &first, Duration::from_secs(60));
 
     // Re-created shorter while running.
     let second = produce_and_read(&broker, &topic, 300, 2);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&second),
-        4,
-        Duration::from_secs(60),
-    );
+    wait_for_records(files.path(), &second, Duration::from_secs(60));
     assert_files_match(files.path(), &recompute(&second), 4);
 
     // Re-created longer while running.
@@ -376,12 +356,7 @@ fn malformed_messages_are_skipped_counted_and_never_stall() {
     producer.flush(Duration::from_secs(30)).unwrap();
     let records = read_topic(&broker.bootstrap, &topic, 4, sent, Duration::from_secs(60));
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&records),
-        4,
-        Duration::from_secs(60),
-    );
+    wait_for_records(files.path(), &records, Duration::from_secs(60));
     assert!(consumer.terminate().success());
     assert_files_match(files.path(), &recompute(&records), 4);
     let stderr = consumer.stderr_text();
@@ -437,12 +412,7 @@ fn imports_an_assignment_format_file_when_there_is_no_state() {
     )
     .unwrap();
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&records),
-        4,
-        Duration::from_secs(60),
-    );
+    wait_for_records(files.path(), &records, Duration::from_secs(60));
     assert!(consumer.terminate().success());
     assert!(
         consumer.stderr_text().contains("imported"),
@@ -572,12 +542,7 @@ fn periodic_checks_never_reset_a_healthy_partition_on_a_batching_broker() {
     let files = tempfile::tempdir().unwrap();
     let records = produce_and_read(&broker, &topic, 150_000, 12);
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_for_offsets(
-        files.path(),
-        &end_offsets(&records),
-        4,
-        Duration::from_secs(120),
-    );
+    wait_for_records(files.path(), &records, Duration::from_secs(120));
     // One more periodic check on the caught-up partitions.
     std::thread::sleep(Duration::from_secs(6));
     assert!(consumer.terminate().success());

@@ -240,6 +240,11 @@ pub fn start_consumer(broker: &Broker, topic: &str, files: &Path, partitions: &[
     Running::spawn(cmd)
 }
 
+/// Waits until the 4 partition files show the end offsets of `records`.
+pub fn wait_for_records(files: &Path, records: &[Record], timeout: Duration) {
+    wait_for_offsets(files, &end_offsets(records), 4, timeout);
+}
+
 /// Waits until every partition file shows its end offset.
 pub fn wait_for_offsets(
     files: &Path,
