@@ -52,7 +52,9 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 /// User + system CPU seconds of this process so far.
 fn own_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain integers, for which all-zero is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into `usage`, a valid, exclusive rusage.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     secs(usage.ru_utime) + secs(usage.ru_stime)
@@ -63,6 +65,7 @@ fn child_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_name = stat.rsplit(')').next().unwrap_or_default();
     let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // SAFETY: sysconf takes an integer and reads no memory of ours.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let field = |i: usize| {
         fields
@@ -224,7 +227,7 @@ fn bench_fold() {
     let rounds = 200;
     let started = Instant::now();
     for _ in 0..rounds {
-        std::hint::black_box(weatherstream::export::partition_json(
+        std::hint::black_box(weatherstream::published::partition_json(
             0,
             snapshot.next_offset,
             &snapshot.aggregates,
@@ -233,7 +236,7 @@ fn bench_fold() {
     let render = started.elapsed().as_secs_f64() / rounds as f64;
     let started = Instant::now();
     for _ in 0..rounds {
-        weatherstream::export::publish(dir.path(), &snapshot).unwrap();
+        weatherstream::published::publish(dir.path(), &snapshot).unwrap();
     }
     let publish = started.elapsed().as_secs_f64() / rounds as f64;
     println!(

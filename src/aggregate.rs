@@ -99,7 +99,7 @@ impl<'a> BatchFold<'a> {
     }
 
     /// The statistics a report for `key` would be folded into.
-    pub fn current(&self, key: MonthYear) -> Option<&MonthStats> {
+    pub(crate) fn current(&self, key: MonthYear) -> Option<&MonthStats> {
         match &self.open {
             Some((open, stats)) if *open == key => Some(stats),
             _ => self.touched.get(&key).or_else(|| self.committed.get(&key)),

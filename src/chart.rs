@@ -15,20 +15,27 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::aggregate::{Aggregates, MonthYear};
 use crate::atomic_file;
-use crate::export::parse_partition_json;
 use crate::kafka::PartitionId;
+use crate::published::parse_partition_json;
 use crate::report::month_name;
 
 /// The chart's file name in the files folder.
-pub const CHART_FILE: &str = "month.svg";
+pub(crate) const CHART_FILE: &str = "month.svg";
 /// The months the chart shows.
-pub const CHART_MONTHS: [u32; 3] = [1, 2, 3];
+pub(crate) const CHART_MONTHS: [u32; 3] = [1, 2, 3];
 
 /// One bar: `January-2010` and its average.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bar {
     pub label: String,
     pub avg: f64,
+}
+
+/// `January-2010 19.32`: how the commands list a bar.
+impl std::fmt::Display for Bar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:.2}", self.label, self.avg)
+    }
 }
 
 /// What one rendering read and wrote.
@@ -43,11 +50,11 @@ pub struct ChartReport {
 
 /// What the chart needs of one partition: the latest year of each chart
 /// month and its average, in [`CHART_MONTHS`] order.
-pub type ChartInput = [Option<(i32, f64)>; 3];
+pub(crate) type ChartInput = [Option<(i32, f64)>; 3];
 
 /// The chart's input from one partition's statistics. Statistics are keyed
 /// month first, so each month's latest year is one range lookup.
-pub fn chart_input(aggregates: &Aggregates) -> ChartInput {
+pub(crate) fn chart_input(aggregates: &Aggregates) -> ChartInput {
     CHART_MONTHS.map(|month| {
         aggregates
             .range(
@@ -65,7 +72,7 @@ pub fn chart_input(aggregates: &Aggregates) -> ChartInput {
 }
 
 /// The latest year of each chart month across all partitions.
-pub fn bars_of<'a>(inputs: impl IntoIterator<Item = &'a ChartInput>) -> Vec<Bar> {
+pub(crate) fn bars_of<'a>(inputs: impl IntoIterator<Item = &'a ChartInput>) -> Vec<Bar> {
     let mut latest: ChartInput = [None; 3];
     for input in inputs {
         for (slot, found) in latest.iter_mut().zip(input) {
@@ -89,7 +96,7 @@ pub fn bars_of<'a>(inputs: impl IntoIterator<Item = &'a ChartInput>) -> Vec<Bar>
 }
 
 /// Renders the bars as an SVG document.
-pub fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
+pub(crate) fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (640, 480)).into_drawing_area();
@@ -156,7 +163,7 @@ pub fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
 
 /// Partition files in `files_dir` (partition-<number>.json) with their
 /// numbers, ascending.
-pub fn partition_files(files_dir: &Path) -> std::io::Result<Vec<(PartitionId, PathBuf)>> {
+pub(crate) fn partition_files(files_dir: &Path) -> std::io::Result<Vec<(PartitionId, PathBuf)>> {
     let mut found: Vec<(PartitionId, PathBuf)> = Vec::new();
     let entries = match fs::read_dir(files_dir) {
         Ok(entries) => entries,
@@ -219,13 +226,13 @@ fn inode(_: &fs::Metadata) -> u64 {
 /// statistics the caller holds are taken from memory, and other processes'
 /// partition files are parsed only when they changed. Parsing every file
 /// on every rendering cost more than everything else the exporter did.
-pub struct ChartRenderer {
+pub(crate) struct ChartRenderer {
     files_dir: PathBuf,
     parsed: BTreeMap<PathBuf, (FileVersion, ChartInput)>,
 }
 
 impl ChartRenderer {
-    pub fn new(files_dir: PathBuf) -> Self {
+    pub(crate) fn new(files_dir: PathBuf) -> Self {
         ChartRenderer {
             files_dir,
             parsed: BTreeMap::new(),
@@ -234,7 +241,7 @@ impl ChartRenderer {
 
     /// Writes month.svg from `own` (partition -> input, for partitions this
     /// process publishes) and every other partition file in the folder.
-    pub fn render(
+    pub(crate) fn render(
         &mut self,
         own: &BTreeMap<PartitionId, ChartInput>,
     ) -> anyhow::Result<ChartReport> {
@@ -356,7 +363,7 @@ mod tests {
     }
 
     fn write_partition(dir: &Path, partition: PartitionId, aggregates: &Aggregates) {
-        let text = crate::export::partition_json(partition, 1, aggregates);
+        let text = crate::published::partition_json(partition, 1, aggregates);
         atomic_file::write(
             &dir.join(format!("partition-{partition}.json")),
             text.as_bytes(),

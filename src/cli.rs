@@ -17,6 +17,21 @@ pub struct Connection {
     pub topic: String,
 }
 
+/// Longest `--delay` between two reports, in seconds: an hour.
+pub(crate) const MAX_DELAY_SECS: f64 = 3600.0;
+
+/// Parses `--delay SECONDS` (producer, demo): a number from 0 to an hour.
+pub fn parse_delay(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if value.is_finite() && (0.0..=MAX_DELAY_SECS).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be between 0 and {MAX_DELAY_SECS} seconds"))
+    }
+}
+
 /// Logs to stderr; `RUST_LOG` overrides. librdkafka's own connection chatter
 /// is off by default: our errors say what matters once.
 pub fn init_logging() {
@@ -35,5 +50,21 @@ pub fn finish(program: &str, result: anyhow::Result<()>) -> ExitCode {
             eprintln!("{program}: error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_is_a_number_of_seconds_up_to_an_hour() {
+        assert_eq!(parse_delay("0"), Ok(0.0));
+        assert_eq!(parse_delay("0.01"), Ok(0.01));
+        assert_eq!(parse_delay("3600"), Ok(3600.0));
+        assert!(parse_delay("3600.5").is_err());
+        assert!(parse_delay("-1").is_err());
+        assert!(parse_delay("NaN").is_err());
+        assert!(parse_delay("soon").unwrap_err().contains("not a number"));
     }
 }

@@ -14,6 +14,9 @@ use crate::pyfmt::{bytes_repr, float_repr, str_repr};
 use crate::report;
 use crate::shutdown::Shutdown;
 
+/// Longest one poll waits: how soon shutdown is noticed.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+
 /// What `debug` is asked to do.
 #[derive(Debug, Clone)]
 pub struct DebugConfig {
@@ -42,7 +45,7 @@ impl ConsumerContext for AssignmentLogger {
 }
 
 /// Formats one message as the assignment prints it.
-pub fn format_line(partition: i32, key: Option<&[u8]>, date: &str, degrees: f64) -> String {
+pub(crate) fn format_line(partition: i32, key: Option<&[u8]>, date: &str, degrees: f64) -> String {
     let key = match key {
         None => "None".to_string(),
         Some(bytes) => match std::str::from_utf8(bytes) {
@@ -79,7 +82,7 @@ pub fn run(config: &DebugConfig, shutdown: &Shutdown, out: &mut dyn Write) -> an
         .subscribe(&[&config.topic])
         .with_context(|| format!("subscribing to {:?}", config.topic))?;
     while !shutdown.requested() {
-        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+        let Some(result) = consumer.poll(POLL_WAIT) else {
             continue;
         };
         let message = match result {

@@ -18,18 +18,20 @@ use serde::{Deserialize, Serialize};
 use crate::atomic_file;
 use crate::chart::{self, partition_files};
 use crate::consumer::{self, ConsumerConfig};
-use crate::export::parse_partition_json;
 use crate::kafka::DEFAULT_TOPIC;
 use crate::producer::{self, ProducerConfig};
+use crate::published::parse_partition_json;
 use crate::report::month_name;
 use crate::shutdown::Shutdown;
 
 /// Seed used unless `--seed` is given, so demo runs are reproducible.
-pub const DEFAULT_SEED: u64 = 1990;
+pub(crate) const DEFAULT_SEED: u64 = 1990;
 /// Partitions of the demo topic, as in the assignment.
 const PARTITIONS: i32 = 4;
 /// The pace of `--follow` after the first `--days`: one day per 0.1 s.
 const FOLLOW_DELAY: Duration = Duration::from_millis(100);
+/// A status line this often while the demo runs.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What `demo` is asked to do.
 #[derive(Debug, Clone)]
@@ -253,7 +255,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     let mut last = (Instant::now(), days_published(&config.files_dir).1);
     let mut produced_days = None;
     let result = loop {
-        shutdown.wait(Duration::from_secs(1));
+        shutdown.wait(STATUS_INTERVAL);
         if consumer_thread.is_finished() {
             break Err(anyhow!("the consumer stopped"));
         }
@@ -317,11 +319,7 @@ fn summarize(files_dir: &Path) -> anyhow::Result<()> {
         println!("  {}: offset {}, {detail}", path.display(), p.offset);
     }
     let report = chart::render_files(files_dir)?;
-    let bars: Vec<String> = report
-        .bars
-        .iter()
-        .map(|b| format!("{} {:.2}", b.label, b.avg))
-        .collect();
+    let bars: Vec<String> = report.bars.iter().map(|b| b.to_string()).collect();
     println!("  {}: {}", report.path.display(), bars.join(", "));
     Ok(())
 }

@@ -10,10 +10,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Degrees sent with a duplicate: absurd, so a double count shows at once.
-pub const DUPLICATE_DEGREES: f64 = 1_000_000.0;
+pub(crate) const DUPLICATE_DEGREES: f64 = 1_000_000.0;
 
 /// Share of steps that re-send the previous date.
-pub const DUPLICATE_PROBABILITY: f64 = 0.05;
+pub(crate) const DUPLICATE_PROBABILITY: f64 = 0.05;
 
 /// Base temperature (°F) of each day of a common year, Jan 1 .. Dec 31.
 const TREND: [u8; 365] = [
@@ -49,7 +49,7 @@ pub struct Observation {
 }
 
 /// The model's start date.
-pub fn first_date() -> NaiveDate {
+pub(crate) fn first_date() -> NaiveDate {
     NaiveDate::from_ymd_opt(1990, 1, 1).expect("1990-01-01 is a valid date")
 }
 
@@ -60,7 +60,7 @@ fn is_leap_year(year: u64) -> bool {
 /// The base temperature of the model's `day_of_year` (1-based) in the model's
 /// `year`, with the original's leap-year rule: in a leap year day 60 repeats
 /// day 59's value and every later day reads one entry earlier.
-pub fn base_temperature(year: u64, day_of_year: u64) -> f64 {
+pub(crate) fn base_temperature(year: u64, day_of_year: u64) -> f64 {
     let index = if is_leap_year(year) && day_of_year >= 60 {
         if day_of_year == 60 {
             58
@@ -139,7 +139,7 @@ impl Iterator for WeatherGenerator {
 
 /// The model's year for a day count (`1990 + day_count / 365`), which
 /// drifts from the calendar year by one day per leap year, on purpose.
-pub fn model_year(day_count: u64) -> u64 {
+pub(crate) fn model_year(day_count: u64) -> u64 {
     1990 + day_count / 365
 }
 

@@ -13,7 +13,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::TopicPartitionList;
 use thiserror::Error;
 
 /// Kafka partition number, as librdkafka numbers them.
@@ -24,14 +25,14 @@ pub type Offset = i64;
 /// Environment variable that supplies `--bootstrap-servers`.
 pub const BOOTSTRAP_ENV: &str = "KAFKA_BOOTSTRAP_SERVERS";
 /// Environment variable naming librdkafka debug contexts to enable.
-pub const RDKAFKA_DEBUG_ENV: &str = "RDKAFKA_DEBUG";
+pub(crate) const RDKAFKA_DEBUG_ENV: &str = "RDKAFKA_DEBUG";
 /// Default broker address, as in the assignment.
-pub const DEFAULT_BOOTSTRAP: &str = "localhost:9092";
+pub(crate) const DEFAULT_BOOTSTRAP: &str = "localhost:9092";
 /// Default topic.
-pub const DEFAULT_TOPIC: &str = "temperatures";
+pub(crate) const DEFAULT_TOPIC: &str = "temperatures";
 
 /// How long a start-up may wait for the broker to answer at all.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of topic administration and broker reachability.
 #[derive(Debug, Error)]
@@ -61,6 +62,15 @@ pub enum AdminError {
 
 /// How often `recreate_topic` tries before giving up.
 const RECREATE_ATTEMPTS: u32 = 6;
+/// Attempt N of a re-creation waits N times this first: a broker still
+/// finishing a delete needs a moment more each time, up to 1 s in all.
+const RECREATE_BACKOFF_STEP: Duration = Duration::from_millis(200);
+/// How often a topic listing is polled while waiting for a create or delete
+/// to become visible: admin operations take tens of milliseconds.
+const TOPIC_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Deadline of a create or delete request, and of its becoming visible.
+const ADMIN_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+const TOPIC_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Create-topic errors that no retry can fix.
 fn is_permanent(code: RDKafkaErrorCode) -> bool {
@@ -98,11 +108,42 @@ pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
     config
 }
 
+/// A consumer configuration for reading partitions by manual assignment
+/// from offsets we keep ourselves (the partition workers, their verifiers,
+/// `consumer verify`): no group membership, no committed offsets, no
+/// automatic topic creation, and an offset outside the log reported as an
+/// error instead of silently reset.
+pub(crate) fn manual_assign_config(bootstrap_servers: &str, group: &str) -> ClientConfig {
+    let mut config = client_config(bootstrap_servers);
+    config
+        // Needed by librdkafka; assign() joins no group and commits nothing.
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // An offset outside the log is a question for us (re-created
+        // topic?), never something to jump over.
+        .set("auto.offset.reset", "error")
+        .set("allow.auto.create.topics", "false");
+    config
+}
+
+/// Points `consumer` at one partition of `topic`, from `offset`.
+pub(crate) fn assign<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: PartitionId,
+    offset: Offset,
+) -> KafkaResult<()> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
+    consumer.assign(&list)
+}
+
 /// The high watermark librdkafka cached from its last fetch response for a
 /// partition this consumer fetches. Sends no request: ListOffsets against a
 /// topic that is being deleted can take down some brokers (tansu 0.6's
 /// sqlite engine panics), and a cached value is all a lag line needs.
-pub fn cached_high_watermark<C: ConsumerContext>(
+pub(crate) fn cached_high_watermark<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partition: PartitionId,
@@ -112,6 +153,7 @@ pub fn cached_high_watermark<C: ConsumerContext>(
     // SAFETY: the client pointer is valid while `consumer` lives; the topic
     // is a NUL-terminated string that outlives the call; low and high are
     // valid out-pointers. The function only reads librdkafka's cache.
+    #[allow(unsafe_code)] // The one FFI call of the crate: rdkafka has no safe wrapper for it.
     let code = unsafe {
         rdkafka_sys::rd_kafka_get_watermark_offsets(
             consumer.client().native_ptr(),
@@ -151,7 +193,7 @@ impl TopicAdmin {
     }
 
     /// Every topic the broker lists, with its partition count.
-    pub fn topics(&self) -> Result<BTreeMap<String, usize>, AdminError> {
+    pub(crate) fn topics(&self) -> Result<BTreeMap<String, usize>, AdminError> {
         let metadata = self
             .admin
             .inner()
@@ -175,8 +217,8 @@ impl TopicAdmin {
     }
 
     /// Deletes `topic`; returns false when it did not exist.
-    pub fn delete_topic(&self, topic: &str) -> Result<bool, AdminError> {
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    pub(crate) fn delete_topic(&self, topic: &str) -> Result<bool, AdminError> {
+        let options = AdminOptions::new().operation_timeout(Some(ADMIN_OPERATION_TIMEOUT));
         let results = block_on(self.admin.delete_topics(&[topic], &options))?;
         for result in results {
             match result {
@@ -195,13 +237,13 @@ impl TopicAdmin {
     }
 
     /// Creates `topic`; returns false when it already existed.
-    pub fn create_topic(
+    pub(crate) fn create_topic(
         &self,
         topic: &str,
         partitions: i32,
         replication_factor: i32,
     ) -> Result<bool, AdminError> {
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let options = AdminOptions::new().operation_timeout(Some(ADMIN_OPERATION_TIMEOUT));
         let new_topic = NewTopic::new(
             topic,
             partitions,
@@ -225,7 +267,7 @@ impl TopicAdmin {
     }
 
     /// Polls the topic list until `done` holds for `topic`'s partition count.
-    pub fn wait_for(
+    pub(crate) fn wait_for(
         &self,
         topic: &str,
         what: &'static str,
@@ -244,7 +286,7 @@ impl TopicAdmin {
                     timeout,
                 });
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(TOPIC_POLL_INTERVAL);
         }
     }
 
@@ -256,7 +298,7 @@ impl TopicAdmin {
         partitions: i32,
         replication_factor: i32,
     ) -> Result<(), AdminError> {
-        let timeout = Duration::from_secs(30);
+        let timeout = TOPIC_VISIBLE_TIMEOUT;
         let wanted = usize::try_from(partitions).unwrap_or(0);
         // A client that asks for the topic between our delete and create can
         // make an auto-creating broker create it with its defaults, and a
@@ -264,7 +306,7 @@ impl TopicAdmin {
         let mut last_error = None;
         for attempt in 0..RECREATE_ATTEMPTS {
             if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(200 * attempt as u64));
+                std::thread::sleep(RECREATE_BACKOFF_STEP * attempt);
             }
             if self.delete_topic(topic)? {
                 log::info!("deleted topic {topic:?}");

@@ -3,8 +3,10 @@
 //! `partition-N.json` files and a `month.svg` chart.
 //!
 //! Data flows one way: [`generator`] -> [`producer`] -> Kafka -> partition
-//! workers ([`consumer`]) -> [`state`] (sled) -> [`export`] -> files written
-//! by [`atomic_file`].
+//! workers ([`consumer`]) -> [`state`] (sled) -> [`exporter`] -> files written
+//! by [`atomic_file`] in the [`published`] format.
+
+#![deny(unsafe_code)]
 
 pub mod aggregate;
 pub mod atomic_file;
@@ -13,11 +15,13 @@ pub mod cli;
 pub mod consumer;
 pub mod debug;
 pub mod demo;
-pub mod export;
+pub(crate) mod exporter;
 pub mod generator;
 pub mod kafka;
+mod log_limit;
 pub mod producer;
-pub mod pyfmt;
+pub mod published;
+mod pyfmt;
 pub mod report;
 pub mod shutdown;
 pub mod state;

@@ -59,7 +59,7 @@ pub struct ProducerSummary {
 /// Delivery outcomes, shared between librdkafka's callback thread and the
 /// sending loop.
 #[derive(Default)]
-pub struct DeliveryCounters {
+pub(crate) struct DeliveryCounters {
     pub delivered: AtomicU64,
     pub failed: AtomicU64,
 }
@@ -168,9 +168,9 @@ impl ReportSender {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The queue drains on its own; a report is never dropped,
                     // even during shutdown. At full speed this is hit all
-                    // the time: a longer nap leaves the connection idle.
+                    // the time.
                     record = back;
-                    std::thread::sleep(Duration::from_millis(1));
+                    std::thread::sleep(QUEUE_RETRY);
                 }
                 Err((error, _)) => return Err(error).context(format!("sending report for {date}")),
             }
@@ -198,7 +198,7 @@ pub fn flush_promptly<C: ProducerContext + 'static>(
         match producer.flush(Duration::ZERO) {
             Ok(()) => return Ok(()),
             Err(error) if Instant::now() >= deadline => return Err(error),
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => std::thread::sleep(QUEUE_RETRY),
         }
     }
 }
@@ -207,6 +207,15 @@ pub fn flush_promptly<C: ProducerContext + 'static>(
 /// hand-over can wake a thread (and crossbeam yields before it parks); at
 /// 1,024 that was thousands of syscalls per million reports.
 const CHUNK_REPORTS: usize = 8192;
+/// Nap before sending again into a full queue, and between two checks of a
+/// flush: the queue drains in well under a millisecond at full speed, and a
+/// longer nap leaves the connection idle.
+const QUEUE_RETRY: Duration = Duration::from_millis(1);
+/// Progress lines while sending, at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest the final flush waits for acknowledgements: librdkafka's own
+/// delivery timeout (`message.timeout.ms`) ends each report sooner.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Generated and encoded reports: values back to back in one buffer.
 struct Chunk {
@@ -330,7 +339,7 @@ pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<Produ
             sender.send_encoded(obs.date, value)?;
             sent += 1;
             days += u64::from(!obs.duplicate);
-            if sent % 1024 == 0 && last_progress.elapsed() >= Duration::from_secs(10) {
+            if sent % 1024 == 0 && last_progress.elapsed() >= PROGRESS_INTERVAL {
                 last_progress = Instant::now();
                 log::info!("sent {sent} reports ({days} days, up to {})", obs.date);
             }
@@ -347,7 +356,7 @@ pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<Produ
         ahead.recycle(chunk);
     }
     drop(ahead);
-    sender.flush(Duration::from_secs(30))?;
+    sender.flush(FINAL_FLUSH_TIMEOUT)?;
     let summary = ProducerSummary {
         days,
         sent,

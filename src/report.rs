@@ -29,7 +29,7 @@ pub const MONTH_NAMES: [&str; 12] = [
 ];
 
 /// Date format of `Report.date` and of the JSON files.
-pub const DATE_FORMAT: &str = "%Y-%m-%d";
+pub(crate) const DATE_FORMAT: &str = "%Y-%m-%d";
 
 /// The English name of a month number (1 = January).
 pub fn month_name(month: u32) -> &'static str {
@@ -37,7 +37,7 @@ pub fn month_name(month: u32) -> &'static str {
 }
 
 /// The month number (1..=12) of an English month name.
-pub fn month_number(name: &str) -> Option<u32> {
+pub(crate) fn month_number(name: &str) -> Option<u32> {
     MONTH_NAMES
         .iter()
         .position(|m| *m == name)
@@ -52,7 +52,7 @@ pub fn key_for(date: NaiveDate) -> &'static str {
 /// A date as `YYYY-MM-DD` text, without allocating: chrono's general
 /// formatter is measurably slow on the hot paths (encode, publish).
 #[derive(Clone, Copy)]
-pub struct DateText([u8; 10]);
+pub(crate) struct DateText([u8; 10]);
 
 impl DateText {
     /// Years 0..=9999 (the format has four digits); others are clamped.
@@ -91,7 +91,7 @@ pub fn encode(date: NaiveDate, degrees: f64) -> Vec<u8> {
 /// [`encode`] for a stream of reports: one reused `Report` and buffer, so a
 /// report costs no allocation.
 #[derive(Default)]
-pub struct Encoder {
+pub(crate) struct Encoder {
     report: Report,
     buffer: Vec<u8>,
 }
@@ -113,7 +113,7 @@ impl Encoder {
 /// Parses exactly `YYYY-MM-DD` (four-digit year, two-digit month and day).
 /// Hand-written because it runs once per message: chrono's parser plus a
 /// re-format to reject `1990-1-5` cost several times more.
-pub fn parse_date(text: &str) -> Option<NaiveDate> {
+pub(crate) fn parse_date(text: &str) -> Option<NaiveDate> {
     let b = text.as_bytes();
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
         return None;
@@ -163,8 +163,8 @@ pub fn validate(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<ValidReport,
 
 /// [`validate`] for a stream of messages: decodes into one reused `Report`,
 /// so a message costs no allocation.
-#[derive(Default)]
-pub struct Validator {
+#[derive(Debug, Default)]
+pub(crate) struct Validator {
     scratch: Report,
 }
 

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+/// How often a wait looks at the flag: a signal is noticed within this.
+const WAKE_INTERVAL: Duration = Duration::from_millis(20);
+
 /// A cloneable stop flag.
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -53,7 +56,7 @@ impl Shutdown {
             if now >= deadline {
                 return false;
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
+            std::thread::sleep((deadline - now).min(WAKE_INTERVAL));
         }
     }
 }

@@ -39,6 +39,13 @@ const COUNTERS: &[u8] = b"meta:counters";
 const LAST_COMMIT_MS: &[u8] = b"meta:last_commit_ms";
 const STAT_PREFIX: &[u8] = b"stat:";
 
+/// sled releases a database's file lock a moment after its last handle is
+/// dropped (its threads hold one briefly). A lock held by this very process
+/// (a worker re-opening its partition, a test) is retried this often, this
+/// far apart: up to a second in all, far more than the release takes.
+const OWN_LOCK_ATTEMPTS: u32 = 50;
+const OWN_LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Identifies one record, so a stored offset can be checked against the
 /// topic: after a topic is deleted and re-created, the record at an old
 /// offset is missing or different.
@@ -143,7 +150,7 @@ pub enum StateError {
 }
 
 /// The folder of one partition's sled database.
-pub fn partition_dir(state_dir: &Path, partition: PartitionId) -> PathBuf {
+pub(crate) fn partition_dir(state_dir: &Path, partition: PartitionId) -> PathBuf {
     state_dir.join(format!("partition-{partition}"))
 }
 
@@ -161,7 +168,7 @@ pub fn holder(state_dir: &Path, partition: PartitionId) -> Option<String> {
 }
 
 /// Partitions that have a state folder under `state_dir`, ascending.
-pub fn partitions_in(state_dir: &Path) -> std::io::Result<Vec<PartitionId>> {
+pub(crate) fn partitions_in(state_dir: &Path) -> std::io::Result<Vec<PartitionId>> {
     let mut found = Vec::new();
     let entries = match fs::read_dir(state_dir) {
         Ok(entries) => entries,
@@ -263,7 +270,10 @@ impl PartitionState {
     }
 
     /// Opens a partition's state only if it exists (export, inspect-state).
-    pub fn open_existing(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
+    pub(crate) fn open_existing(
+        state_dir: &Path,
+        partition: PartitionId,
+    ) -> Result<Self, StateError> {
         let path = partition_dir(state_dir, partition);
         if !path.join("db").exists() {
             return Err(StateError::NoState { partition, path });
@@ -290,12 +300,11 @@ impl PartitionState {
                 Ok(db) => break db,
                 Err(sled::Error::Io(ref e)) if e.to_string().contains("could not acquire lock") => {
                     let holder = holder(state_dir, partition);
-                    // sled releases its lock a moment after the last handle
-                    // is dropped (its threads hold one briefly): a lock held
-                    // by this very process is waited for, briefly.
-                    if attempts < 50 && holder.as_deref().is_some_and(|h| h.starts_with(&ours)) {
+                    if attempts < OWN_LOCK_ATTEMPTS
+                        && holder.as_deref().is_some_and(|h| h.starts_with(&ours))
+                    {
                         attempts += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        std::thread::sleep(OWN_LOCK_RETRY);
                         continue;
                     }
                     return Err(StateError::Locked {
@@ -387,7 +396,7 @@ impl PartitionState {
     }
 
     /// True once the partition has a committed offset.
-    pub fn is_initialized(&self) -> bool {
+    pub(crate) fn is_initialized(&self) -> bool {
         self.initialized
     }
 
@@ -460,7 +469,7 @@ impl PartitionState {
 
     /// Forgets everything after a topic re-creation: offset 0, no statistics,
     /// a new epoch (so the exporter accepts the lower offset).
-    pub fn reset(&mut self) -> Result<Arc<Snapshot>, StateError> {
+    pub(crate) fn reset(&mut self) -> Result<Arc<Snapshot>, StateError> {
         let epoch = self.snapshot.epoch + 1;
         self.initialize(0, Aggregates::new(), epoch)
     }
@@ -508,7 +517,7 @@ impl PartitionState {
     }
 
     /// Records a fingerprint verified to be in the current topic.
-    pub fn set_anchor(&mut self, anchor: Fingerprint) -> Result<(), StateError> {
+    pub(crate) fn set_anchor(&mut self, anchor: Fingerprint) -> Result<(), StateError> {
         if self.snapshot.anchor == Some(anchor) {
             return Ok(());
         }

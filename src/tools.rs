@@ -12,8 +12,8 @@ use chrono::TimeZone;
 use serde_json::{json, Value};
 
 use crate::chart;
-use crate::export::{self, parse_partition_json, partition_file};
 use crate::kafka::PartitionId;
+use crate::published::{self, parse_partition_json, partition_file};
 use crate::report::month_name;
 use crate::state::{self, Fingerprint, PartitionState, Snapshot, StateError};
 
@@ -45,7 +45,7 @@ pub fn export(
             Ok(state) => {
                 let snapshot = state.snapshot();
                 let path = partition_file(files_dir, partition);
-                export::publish(files_dir, &snapshot)
+                published::publish(files_dir, &snapshot)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!(
                     "partition {partition}: wrote {} (offset {})",

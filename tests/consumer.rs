@@ -43,7 +43,7 @@ impl Readers {
                         continue;
                     };
                     reads2.fetch_add(1, Ordering::Relaxed);
-                    match weatherstream::export::parse_partition_json(&text) {
+                    match weatherstream::published::parse_partition_json(&text) {
                         Ok(parsed) => {
                             let top = highest.entry(p).or_insert(0);
                             if parsed.offset < *top {

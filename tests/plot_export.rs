@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use common::*;
 use weatherstream::aggregate::{Aggregates, MonthStats, MonthYear};
-use weatherstream::export::partition_json;
+use weatherstream::published::partition_json;
 
 fn stats(year: i32, month: u32, avg: f64) -> (MonthYear, MonthStats) {
     let start = NaiveDate::from_ymd_opt(year, month, 1).unwrap();

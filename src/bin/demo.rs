@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, default_value_t = 7300, value_parser = clap::value_parser!(u64).range(1..))]
     days: u64,
     /// Seconds between reports (0: as fast as possible)
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = cli::parse_delay)]
     delay: f64,
     /// After --days, go on at one day per 0.1 s until Ctrl-C
     #[arg(long)]
@@ -39,13 +39,6 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging();
-    if !(args.delay.is_finite() && (0.0..=3600.0).contains(&args.delay)) {
-        clap::Error::raw(
-            clap::error::ErrorKind::ValueValidation,
-            "--delay must be between 0 and 3600 seconds\n",
-        )
-        .exit();
-    }
     let config = DemoConfig {
         bootstrap_servers: args.bootstrap_servers,
         files_dir: args.files_dir,

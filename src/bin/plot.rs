@@ -23,11 +23,7 @@ fn main() -> ExitCode {
         for (path, reason) in &report.skipped {
             log::warn!("skipped {}: {reason}", path.display());
         }
-        let bars: Vec<String> = report
-            .bars
-            .iter()
-            .map(|b| format!("{} {:.2}", b.label, b.avg))
-            .collect();
+        let bars: Vec<String> = report.bars.iter().map(|b| b.to_string()).collect();
         println!(
             "wrote {} from {} partition file(s): {}",
             report.path.display(),

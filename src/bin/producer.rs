@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
     replication_factor: i32,
     /// Seconds between two reports (one simulated day per 0.1 s by default); 0 = as fast as possible
-    #[arg(long, default_value_t = 0.1, value_parser = parse_delay)]
+    #[arg(long, default_value_t = 0.1, value_parser = cli::parse_delay)]
     delay: f64,
     /// Stop after this many days (duplicates not counted) once all are delivered; default: forever
     #[arg(long)]
@@ -29,17 +29,6 @@ struct Args {
     /// Seed for a reproducible stream; default: random
     #[arg(long)]
     seed: Option<u64>,
-}
-
-fn parse_delay(text: &str) -> Result<f64, String> {
-    let value: f64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if value.is_finite() && (0.0..=3600.0).contains(&value) {
-        Ok(value)
-    } else {
-        Err("must be between 0 and 3600 seconds".into())
-    }
 }
 
 fn main() -> ExitCode {

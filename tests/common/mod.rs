@@ -15,7 +15,7 @@ use chrono::{Datelike, NaiveDate};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, TopicPartitionList};
-use weatherstream::export::parse_partition_json;
+use weatherstream::published::parse_partition_json;
 use weatherstream::report;
 
 /// A broker for one test.
@@ -381,7 +381,7 @@ pub fn end_offsets(records: &[Record]) -> BTreeMap<i32, i64> {
 pub fn read_partition_file(
     files: &Path,
     partition: i32,
-) -> Option<weatherstream::export::PublishedPartition> {
+) -> Option<weatherstream::published::PublishedPartition> {
     let text = std::fs::read_to_string(files.join(format!("partition-{partition}.json"))).ok()?;
     Some(parse_partition_json(&text).expect("partition file parses"))
 }
@@ -463,20 +463,32 @@ impl Running {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Sends `signal` to the child, which has not been waited for yet.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers and touches no memory of
+        // ours. The pid is our own child's, not yet reaped (every wait on it
+        // happens after the signal), so it cannot name another process.
+        let status = unsafe { libc::kill(pid, signal) };
+        assert_eq!(status, 0, "kill({pid}, {signal}) failed");
+    }
+
     /// SIGTERM, then waits; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         self.child.wait().unwrap()
     }
 
     /// SIGINT (Ctrl-C), then waits; returns the exit status.
     pub fn interrupt(&mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.signal(libc::SIGINT);
         self.child.wait().unwrap()
     }
 
+    /// SIGKILL (kill -9), then reaps the child.
     pub fn kill9(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        // std's kill() is SIGKILL, and safe.
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

@@ -1,204 +1,34 @@
-//! Materializes committed state as the dashboard's files: the
-//! `partition-N.json` format (rendering and, for import and plotting,
-//! parsing), and the exporter thread that publishes snapshots as they are
-//! committed. It coalesces bursts, spaces the publishes of a partition that
-//! is catching up by their cost, never publishes an older snapshot over a
-//! newer one, and keeps a snapshot it could not write until it can.
+//! The exporter thread: materializes committed snapshots as the
+//! dashboard's files (`partition-N.json` through [`crate::published`], then
+//! `month.svg` through [`crate::chart`]). It coalesces bursts, spaces the
+//! publishes of a partition that is catching up by their cost, never
+//! publishes an older snapshot over a newer one, and keeps a snapshot it
+//! could not write until it can.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chrono::NaiveDate;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use serde::ser::{SerializeMap, Serializer};
-use serde::Serialize;
-use serde_json::Value;
-use thiserror::Error;
 
-use crate::aggregate::{Aggregates, MonthStats, MonthYear};
-use crate::atomic_file;
 use crate::chart::{chart_input, ChartInput, ChartRenderer};
 use crate::kafka::{Offset, PartitionId};
-use crate::report::{month_name, month_number, DateText, DATE_FORMAT};
+use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::published::{partition_file, publish};
 use crate::state::Snapshot;
-
-/// Path of a partition's published file.
-pub fn partition_file(files_dir: &Path, partition: PartitionId) -> PathBuf {
-    files_dir.join(format!("partition-{partition}.json"))
-}
-
-/// The assignment's JSON: partition, offset, then month -> year -> stats,
-/// months in calendar order and years ascending. Serialized straight from
-/// the statistics (no intermediate JSON tree: this runs on every publish).
-pub fn partition_json(
-    partition: PartitionId,
-    next_offset: Offset,
-    aggregates: &Aggregates,
-) -> String {
-    let view = PartitionView {
-        partition,
-        next_offset,
-        aggregates,
-    };
-    let mut text = serde_json::to_string_pretty(&view).expect("statistics serialize");
-    text.push('\n');
-    text
-}
-
-struct PartitionView<'a> {
-    partition: PartitionId,
-    next_offset: Offset,
-    aggregates: &'a Aggregates,
-}
-
-impl Serialize for PartitionView<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut top = serializer.serialize_map(None)?;
-        top.serialize_entry("partition", &self.partition)?;
-        top.serialize_entry("offset", &self.next_offset)?;
-        let mut entries = self.aggregates.iter().peekable();
-        while let Some((key, _)) = entries.peek() {
-            let month = key.month;
-            let mut years = Vec::new();
-            while let Some((key, stats)) = entries.next_if(|(k, _)| k.month == month) {
-                years.push((key.year, *stats));
-            }
-            top.serialize_entry(month_name(month), &YearsView(&years))?;
-        }
-        top.end()
-    }
-}
-
-struct YearsView<'a>(&'a [(i32, MonthStats)]);
-
-impl Serialize for YearsView<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut years = serializer.serialize_map(Some(self.0.len()))?;
-        for (year, stats) in self.0 {
-            years.serialize_entry(&year.to_string(), &StatsView(stats))?;
-        }
-        years.end()
-    }
-}
-
-struct StatsView<'a>(&'a MonthStats);
-
-impl Serialize for StatsView<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let s = self.0;
-        let mut map = serializer.serialize_map(Some(5))?;
-        map.serialize_entry("count", &s.count)?;
-        map.serialize_entry("sum", &s.sum)?;
-        map.serialize_entry("avg", &s.avg())?;
-        map.serialize_entry("start", DateText::new(s.start).as_str())?;
-        map.serialize_entry("end", DateText::new(s.end).as_str())?;
-        map.end()
-    }
-}
-
-/// A parsed partition-N.json.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PublishedPartition {
-    pub partition: PartitionId,
-    pub offset: Offset,
-    pub aggregates: Aggregates,
-}
-
-#[derive(Debug, Error, PartialEq)]
-#[error("{0}")]
-pub struct FormatError(String);
-
-fn bad(what: impl Into<String>) -> FormatError {
-    FormatError(what.into())
-}
-
-fn parse_date(value: Option<&Value>, what: &str) -> Result<NaiveDate, FormatError> {
-    value
-        .and_then(Value::as_str)
-        .and_then(|s| NaiveDate::parse_from_str(s, DATE_FORMAT).ok())
-        .ok_or_else(|| bad(format!("{what} is not a YYYY-MM-DD date")))
-}
-
-/// Parses a partition file as the assignment defines it (Python solutions'
-/// files included: `sum` may be an integer, `avg` is recomputed).
-pub fn parse_partition_json(text: &str) -> Result<PublishedPartition, FormatError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let Value::Object(top) = value else {
-        return Err(bad("not a JSON object"));
-    };
-    let partition = top
-        .get("partition")
-        .and_then(Value::as_i64)
-        .and_then(|p| PartitionId::try_from(p).ok())
-        .ok_or_else(|| bad("\"partition\" is missing or not an integer"))?;
-    let offset = top
-        .get("offset")
-        .and_then(Value::as_i64)
-        .filter(|o| *o >= 0)
-        .ok_or_else(|| bad("\"offset\" is missing or not a non-negative integer"))?;
-    let mut aggregates = Aggregates::new();
-    for (name, years) in &top {
-        if name == "partition" || name == "offset" {
-            continue;
-        }
-        let month = month_number(name).ok_or_else(|| bad(format!("unknown key {name:?}")))?;
-        let years = years
-            .as_object()
-            .ok_or_else(|| bad(format!("{name:?} is not an object")))?;
-        for (year, stats) in years {
-            let what = format!("{name} {year}");
-            let year: i32 = year
-                .parse()
-                .map_err(|_| bad(format!("{what}: year is not a number")))?;
-            let count = stats
-                .get("count")
-                .and_then(Value::as_u64)
-                .filter(|c| *c > 0)
-                .ok_or_else(|| bad(format!("{what}: count is not a positive integer")))?;
-            let sum = stats
-                .get("sum")
-                .and_then(Value::as_f64)
-                .ok_or_else(|| bad(format!("{what}: sum is not a number")))?;
-            let start = parse_date(stats.get("start"), &format!("{what}: start"))?;
-            let end = parse_date(stats.get("end"), &format!("{what}: end"))?;
-            aggregates.insert(
-                MonthYear { month, year },
-                MonthStats {
-                    count,
-                    sum,
-                    start,
-                    end,
-                },
-            );
-        }
-    }
-    Ok(PublishedPartition {
-        partition,
-        offset,
-        aggregates,
-    })
-}
-
-/// Writes a snapshot's partition file atomically.
-pub fn publish(files_dir: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
-    let text = partition_json(
-        snapshot.partition,
-        snapshot.next_offset,
-        &snapshot.aggregates,
-    );
-    atomic_file::write(
-        &partition_file(files_dir, snapshot.partition),
-        text.as_bytes(),
-    )
-}
 
 /// Minimum time between two month.svg renderings.
 const CHART_INTERVAL: Duration = Duration::from_secs(1);
 /// Wait before retrying a publish that failed.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one "cannot write" line per this while writes keep failing.
+const WRITE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Committed snapshots in flight to the exporter. Workers block when it is
+/// full, which only happens if the disk stalls: the exporter coalesces
+/// whatever it receives, so a small bound costs nothing.
+const CHANNEL_CAPACITY: usize = 256;
 /// Minimum time between two publishes of one partition: under load, commits
 /// come faster than anyone reads, and each publish costs a render and two
 /// fsyncs; newer snapshots replace a waiting one. Well under the ~100 ms a
@@ -248,7 +78,7 @@ impl Exporter {
     /// Starts the exporter; `render_chart` re-renders month.svg after
     /// publishing (at most once per [`CHART_INTERVAL`]).
     pub fn spawn(files_dir: PathBuf, render_chart: bool) -> std::io::Result<Self> {
-        let (sender, receiver) = crossbeam_channel::bounded(256);
+        let (sender, receiver) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let thread = std::thread::Builder::new()
             .name("exporter".into())
             .spawn(move || ExportLoop::new(files_dir, render_chart).run(receiver))?;
@@ -298,7 +128,8 @@ struct ExportLoop {
     chart: ChartRenderer,
     chart_due: bool,
     last_chart: Option<Instant>,
-    last_error_log: Option<Instant>,
+    /// A full or failing disk fails every retry: one line per interval.
+    write_errors: LogLimiter,
 }
 
 impl ExportLoop {
@@ -313,7 +144,7 @@ impl ExportLoop {
             chart_inputs: BTreeMap::new(),
             chart_due: false,
             last_chart: None,
-            last_error_log: None,
+            write_errors: LogLimiter::new(WRITE_ERROR_LOG_INTERVAL),
         }
     }
 
@@ -405,14 +236,11 @@ impl ExportLoop {
                     }
                 }
                 Err(error) => {
-                    let quiet = self
-                        .last_error_log
-                        .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
-                    if !quiet {
-                        self.last_error_log = Some(Instant::now());
+                    if let Some(suppressed) = self.write_errors.allow(Instant::now()) {
                         log::error!(
-                            "cannot write {}: {error}; state is kept, retrying",
-                            partition_file(&self.files_dir, partition).display()
+                            "cannot write {}: {error}; state is kept, retrying{}",
+                            partition_file(&self.files_dir, partition).display(),
+                            suppressed_note(suppressed)
                         );
                     }
                     self.pending
@@ -444,131 +272,8 @@ impl ExportLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
-        NaiveDate::from_ymd_opt(y, m, day).unwrap()
-    }
-
-    fn sample() -> Aggregates {
-        let mut agg = Aggregates::new();
-        agg.insert(
-            MonthYear {
-                month: 4,
-                year: 1990,
-            },
-            MonthStats {
-                count: 30,
-                sum: 1113.0,
-                start: d(1990, 4, 1),
-                end: d(1990, 4, 30),
-            },
-        );
-        agg.insert(
-            MonthYear {
-                month: 1,
-                year: 1991,
-            },
-            MonthStats {
-                count: 31,
-                sum: 178.0,
-                start: d(1991, 1, 1),
-                end: d(1991, 1, 31),
-            },
-        );
-        agg.insert(
-            MonthYear {
-                month: 1,
-                year: 1990,
-            },
-            MonthStats {
-                count: 31,
-                sum: 599.0,
-                start: d(1990, 1, 1),
-                end: d(1990, 1, 31),
-            },
-        );
-        agg
-    }
-
-    #[test]
-    fn json_matches_the_assignment_layout() {
-        let text = partition_json(2, 4117, &sample());
-        let expected = r#"{
-  "partition": 2,
-  "offset": 4117,
-  "January": {
-    "1990": {
-      "count": 31,
-      "sum": 599.0,
-      "avg": 19.322580645161292,
-      "start": "1990-01-01",
-      "end": "1990-01-31"
-    },
-    "1991": {
-      "count": 31,
-      "sum": 178.0,
-      "avg": 5.741935483870968,
-      "start": "1991-01-01",
-      "end": "1991-01-31"
-    }
-  },
-  "April": {
-    "1990": {
-      "count": 30,
-      "sum": 1113.0,
-      "avg": 37.1,
-      "start": "1990-04-01",
-      "end": "1990-04-30"
-    }
-  }
-}
-"#;
-        assert_eq!(text, expected);
-    }
-
-    #[test]
-    fn empty_partition_is_partition_and_offset_only() {
-        let text = partition_json(0, 0, &Aggregates::new());
-        let value: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value, serde_json::json!({"partition": 0, "offset": 0}));
-    }
-
-    #[test]
-    fn parse_round_trips_and_accepts_python_files() {
-        let parsed = parse_partition_json(&partition_json(2, 4117, &sample())).unwrap();
-        assert_eq!(
-            parsed,
-            PublishedPartition {
-                partition: 2,
-                offset: 4117,
-                aggregates: sample()
-            }
-        );
-        let python = r#"{"partition": 1, "offset": 3, "March": {"1990": {"count": 2, "sum": 60, "avg": 30.0, "end": "1990-03-02", "start": "1990-03-01"}}}"#;
-        let parsed = parse_partition_json(python).unwrap();
-        assert_eq!(
-            parsed.aggregates[&MonthYear {
-                month: 3,
-                year: 1990
-            }]
-                .sum,
-            60.0
-        );
-    }
-
-    #[test]
-    fn parse_rejects_what_is_not_a_partition_file() {
-        for text in [
-            "",
-            "[]",
-            r#"{"offset": 1}"#,
-            r#"{"partition": 1, "offset": -1}"#,
-            r#"{"partition": 1, "offset": 1, "Smarch": {}}"#,
-            r#"{"partition": 1, "offset": 1, "May": {"1990": {"count": 1, "sum": 1}}}"#,
-        ] {
-            assert!(parse_partition_json(text).is_err(), "{text}");
-        }
-    }
+    use crate::aggregate::Aggregates;
+    use crate::published::parse_partition_json;
 
     fn empty_snapshot(partition: PartitionId, epoch: u64, next_offset: Offset) -> Arc<Snapshot> {
         Arc::new(Snapshot {
@@ -660,7 +365,7 @@ mod tests {
             partition: 3,
             epoch: 0,
             next_offset: 4,
-            aggregates: sample(),
+            aggregates: Aggregates::new(),
             counters: Default::default(),
             last_record: None,
             anchor: None,

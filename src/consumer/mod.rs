@@ -1,0 +1,362 @@
+//! The consumer: one worker thread per assigned partition, each reading its
+//! partition with manual assignment from the offset stored in that
+//! partition's sled state, folding each batch and committing statistics and
+//! next offset in one transaction, then handing the committed snapshot to
+//! the exporter. Kafka's consumer-group offsets are never used: the offset
+//! lives with the state it describes, which is what makes a restart after
+//! `kill -9` count every report exactly once.
+//!
+//! This module owns the process-level part: claiming the partitions, the
+//! start-up rules for files and state, starting and supervising the
+//! workers, and the progress lines. A worker is split in three:
+//! - [`machine`]: every decision, as a state machine without I/O (what a
+//!   batch counts, when to check for a re-created topic, when to reset,
+//!   when to read again from earlier offsets);
+//! - [`worker`]: the I/O shell that carries the decisions out (librdkafka
+//!   client, sled commit, exporter hand-off);
+//! - [`verify`]: the verifier thread and its record probe, which tell
+//!   whether stored fingerprints are still in the topic.
+
+mod machine;
+mod verify;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+
+use crate::aggregate::Aggregates;
+use crate::exporter::{Committed, Exporter};
+use crate::kafka::{Offset, PartitionId, TopicAdmin};
+use crate::published::{self, partition_file};
+use crate::shutdown::Shutdown;
+use crate::state::{PartitionState, Snapshot};
+use worker::PartitionWorker;
+
+/// How often the supervisor looks at its workers and the progress clock.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a topic that does not exist yet is looked for.
+const TOPIC_WAIT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a running worker re-checks, by default, that its topic was
+/// not re-created: the producer re-creates it on every start.
+const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(5);
+/// Progress lines, by default.
+const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What `consumer` is asked to do.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub files_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub partitions: Vec<PartitionId>,
+    /// Most reports in one batch (one transaction).
+    pub max_batch: usize,
+    /// Longest a batch keeps collecting once it has a report.
+    pub batch_timeout_ms: u64,
+    /// How often a running worker re-checks that its topic was not re-created.
+    pub verify_interval: Duration,
+    /// Progress lines every this often; None: quiet.
+    pub progress_interval: Option<Duration>,
+    /// Re-render month.svg after publishing.
+    pub render_chart: bool,
+}
+
+impl ConsumerConfig {
+    /// Defaults for everything but the connection, folders and partitions.
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        topic: impl Into<String>,
+        files_dir: PathBuf,
+        state_dir: PathBuf,
+        partitions: Vec<PartitionId>,
+    ) -> Self {
+        ConsumerConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            topic: topic.into(),
+            files_dir,
+            state_dir,
+            partitions,
+            max_batch: 10_000,
+            batch_timeout_ms: 100,
+            verify_interval: DEFAULT_VERIFY_INTERVAL,
+            progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
+            render_chart: true,
+        }
+    }
+}
+
+/// Live counters of one worker, read by the progress reporter.
+#[derive(Debug)]
+struct Progress {
+    partition: PartitionId,
+    next_offset: AtomicI64,
+    duplicates: AtomicU64,
+    malformed: AtomicU64,
+    /// High watermark minus next offset; -1 when the broker has not said.
+    lag: AtomicI64,
+}
+
+impl Progress {
+    fn new(snapshot: &Snapshot) -> Self {
+        let this = Progress {
+            partition: snapshot.partition,
+            next_offset: AtomicI64::new(0),
+            duplicates: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            lag: AtomicI64::new(-1),
+        };
+        this.update(snapshot);
+        this
+    }
+
+    fn update(&self, snapshot: &Snapshot) {
+        self.next_offset
+            .store(snapshot.next_offset, Ordering::Relaxed);
+        self.duplicates
+            .store(snapshot.counters.duplicates, Ordering::Relaxed);
+        self.malformed
+            .store(snapshot.counters.malformed, Ordering::Relaxed);
+    }
+
+    /// The lag, from the end of the log as the client last heard it.
+    fn set_lag(&self, high_watermark: Offset) {
+        let next = self.next_offset.load(Ordering::Relaxed);
+        self.lag
+            .store((high_watermark - next).max(0), Ordering::Relaxed);
+    }
+}
+
+/// Checks partition numbers: at least one, no repeats, none negative.
+pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
+    if partitions.is_empty() {
+        return Err("give at least one partition".into());
+    }
+    for (i, p) in partitions.iter().enumerate() {
+        if *p < 0 {
+            return Err(format!("partition {p} is negative"));
+        }
+        if partitions[..i].contains(p) {
+            return Err(format!("partition {p} is given twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the consumer until shutdown; returns the first worker error.
+pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
+    check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state folder {}", config.state_dir.display()))?;
+    // Claim every partition first: a second process fails before touching anything.
+    let mut states = Vec::new();
+    for &partition in &config.partitions {
+        states.push(PartitionState::open(&config.state_dir, partition)?);
+    }
+    if let Err(e) = std::fs::create_dir_all(&config.files_dir) {
+        log::error!(
+            "cannot create files folder {}: {e}",
+            config.files_dir.display()
+        );
+    }
+
+    let admin = TopicAdmin::connect(&config.bootstrap_servers)?;
+    let Some(partition_count) = wait_for_topic(&admin, &config.topic, shutdown)? else {
+        return Ok(());
+    };
+    drop(admin);
+    let invalid: Vec<_> = config
+        .partitions
+        .iter()
+        .filter(|p| usize::try_from(**p).map_or(true, |p| p >= partition_count))
+        .collect();
+    if !invalid.is_empty() {
+        let valid: Vec<String> = (0..partition_count).map(|p| p.to_string()).collect();
+        bail!(
+            "topic {:?} has no partition {} (valid: {})",
+            config.topic,
+            invalid
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            valid.join(", ")
+        );
+    }
+
+    let exporter = Exporter::spawn(config.files_dir.clone(), config.render_chart)
+        .context("starting the exporter thread")?;
+    let mut workers = Vec::new();
+    for mut state in states {
+        reconcile_at_start(config, &mut state)?;
+        let snapshot = state.snapshot();
+        let progress = Arc::new(Progress::new(&snapshot));
+        exporter
+            .sender()
+            .send(Committed::current(snapshot))
+            .map_err(|_| anyhow!("exporter stopped"))?;
+        let worker = PartitionWorker::new(
+            config.clone(),
+            state,
+            exporter.sender(),
+            progress.clone(),
+            shutdown.clone(),
+        );
+        workers.push(WorkerHandle::spawn(worker, progress)?);
+    }
+
+    let result = supervise(config, &mut workers, shutdown);
+    shutdown.request();
+    let mut first_error = result.err();
+    for worker in workers {
+        if let Err(e) = worker.join() {
+            first_error.get_or_insert(e);
+        }
+    }
+    exporter.finish();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Waits until the topic is listed; None if shutdown came first.
+fn wait_for_topic(
+    admin: &TopicAdmin,
+    topic: &str,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<usize>> {
+    let mut told = false;
+    loop {
+        if let Some(count) = admin.partition_count(topic)? {
+            return Ok(Some(count));
+        }
+        if !told {
+            log::info!("topic {topic:?} does not exist yet; waiting for it");
+            told = true;
+        }
+        if shutdown.wait(TOPIC_WAIT_INTERVAL) {
+            return Ok(None);
+        }
+    }
+}
+
+/// The assignment's start-up rules, with sled as the source of truth.
+fn reconcile_at_start(config: &ConsumerConfig, state: &mut PartitionState) -> anyhow::Result<()> {
+    if state.is_initialized() {
+        return Ok(());
+    }
+    let partition = state.snapshot().partition;
+    let path = partition_file(&config.files_dir, partition);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let published = published::parse_partition_json(&text).map_err(|e| {
+                anyhow!(
+                    "{} is not a valid partition file ({e}); it was left untouched: \
+                     fix it, or move it away to start partition {partition} afresh",
+                    path.display()
+                )
+            })?;
+            if published.partition != partition {
+                bail!(
+                    "{} says it is partition {}, not {partition}; it was left untouched",
+                    path.display(),
+                    published.partition
+                );
+            }
+            log::info!(
+                "partition {partition}: imported {} (offset {}, {} month/years)",
+                path.display(),
+                published.offset,
+                published.aggregates.len()
+            );
+            state.initialize(published.offset, published.aggregates, 0)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            state.initialize(0, Aggregates::new(), 0)?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    Ok(())
+}
+
+fn supervise(
+    config: &ConsumerConfig,
+    workers: &mut [WorkerHandle],
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let mut last_report = Instant::now();
+    let mut last_offsets: Vec<Offset> = workers
+        .iter()
+        .map(|w| w.progress.next_offset.load(Ordering::Relaxed))
+        .collect();
+    while !shutdown.wait(SUPERVISE_INTERVAL) {
+        if workers.iter().any(|w| w.is_finished()) {
+            return Ok(());
+        }
+        let Some(interval) = config.progress_interval else {
+            continue;
+        };
+        if last_report.elapsed() < interval {
+            continue;
+        }
+        let seconds = last_report.elapsed().as_secs_f64();
+        last_report = Instant::now();
+        for (worker, last) in workers.iter().zip(last_offsets.iter_mut()) {
+            let p = &worker.progress;
+            let next = p.next_offset.load(Ordering::Relaxed);
+            let rate = (next - *last).max(0) as f64 / seconds;
+            *last = next;
+            let lag = match p.lag.load(Ordering::Relaxed) {
+                l if l < 0 => "unknown".to_string(),
+                l => l.to_string(),
+            };
+            log::info!(
+                "partition {}: next offset {next}, {rate:.1} reports/s, {} duplicates dropped, {} malformed skipped, lag {lag}",
+                p.partition,
+                p.duplicates.load(Ordering::Relaxed),
+                p.malformed.load(Ordering::Relaxed),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A named worker thread and its counters.
+struct WorkerHandle {
+    partition: PartitionId,
+    progress: Arc<Progress>,
+    thread: JoinHandle<anyhow::Result<()>>,
+}
+
+impl WorkerHandle {
+    fn spawn(worker: PartitionWorker, progress: Arc<Progress>) -> anyhow::Result<Self> {
+        let partition = progress.partition;
+        let thread = std::thread::Builder::new()
+            .name(format!("partition-{partition}"))
+            .spawn(move || worker.run())
+            .context("starting a partition worker")?;
+        Ok(WorkerHandle {
+            partition,
+            progress,
+            thread,
+        })
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    fn join(self) -> anyhow::Result<()> {
+        let partition = self.partition;
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("partition {partition} worker panicked"))?
+            .with_context(|| format!("partition {partition}"))
+    }
+}

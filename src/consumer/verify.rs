@@ -1,0 +1,339 @@
+//! Verification: whether the records a partition's state was built from
+//! are still in the topic, or the topic was deleted and re-created under
+//! it. [`RecordProbe`] reads single records by offset with a client of its
+//! own; the verifier thread (`verify-N`) answers the worker's
+//! [`CheckRequest`]s with it, so that routine checks never pause
+//! consumption.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use crossbeam_channel::Sender;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+
+use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
+use super::worker::needs_verification;
+use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
+use crate::shutdown::Shutdown;
+use crate::state::Fingerprint;
+
+/// The probe's consumer group name (joined by no one: manual assignment).
+const PROBE_GROUP: &str = "weatherstream-probe";
+/// Longest one poll of a probe waits: how soon shutdown ends a probe.
+const PROBE_POLL_WAIT: Duration = Duration::from_millis(100);
+/// Longest a metadata request of the probe waits.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a deleted topic is looked for again while waiting for it.
+const ABSENT_TOPIC_RECHECK: Duration = Duration::from_millis(500);
+
+/// What the topic holds at one offset.
+#[derive(Debug, PartialEq)]
+enum Probed {
+    Found(Fingerprint),
+    /// The log does not hold this offset (any more).
+    Missing,
+    /// The topic or partition is not listed: deleted, not yet re-created.
+    Absent,
+    /// No answer in time.
+    Unknown,
+}
+
+/// Longest one forward read of a probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Silence after reading records that means the log ends there.
+const PROBE_QUIET: Duration = Duration::from_secs(2);
+
+/// Reads single records by offset, for verification.
+struct RecordProbe {
+    consumer: BaseConsumer,
+    topic: String,
+    partition: PartitionId,
+    /// Probes end early on shutdown, so the worker can join its verifier.
+    shutdown: Shutdown,
+}
+
+impl RecordProbe {
+    fn new(
+        bootstrap_servers: &str,
+        topic: &str,
+        partition: PartitionId,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Self> {
+        let consumer = manual_assign_config(bootstrap_servers, PROBE_GROUP)
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "20")
+            // It reads one record at a time: keep its buffers small.
+            .set("queued.min.messages", "1000")
+            .set("queued.max.messages.kbytes", "256")
+            .set("max.partition.fetch.bytes", "65536")
+            .set("fetch.max.bytes", "65536")
+            .set("message.max.bytes", "65536")
+            .create()
+            .context("creating the verification consumer")?;
+        Ok(RecordProbe {
+            consumer,
+            topic: topic.into(),
+            partition,
+            shutdown: shutdown.clone(),
+        })
+    }
+
+    fn partition_listed(&self) -> anyhow::Result<Option<bool>> {
+        // List all topics: naming the topic can make a broker auto-create it.
+        let metadata = match self.consumer.fetch_metadata(None, METADATA_TIMEOUT) {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        Ok(Some(metadata.topics().iter().any(|t| {
+            t.name() == self.topic
+                && t.error().is_none()
+                && t.partitions().iter().any(|p| p.id() == self.partition)
+        })))
+    }
+
+    /// What the topic holds at `offset`. "Missing" needs proof: records
+    /// before the offset were read, and then the log passed the offset or
+    /// ended without it. Brokers differ in where a fetch starts (Kafka: at
+    /// the record; tansu's in-memory engine: at the next batch boundary), so
+    /// reads start ever further back until one gives an answer.
+    fn record_at(&self, offset: Offset) -> anyhow::Result<Probed> {
+        match self.partition_listed()? {
+            None => return Ok(Probed::Unknown),
+            Some(false) => return Ok(Probed::Absent),
+            Some(true) => {}
+        }
+        let mut result = Probed::Unknown;
+        let mut tried: Vec<Offset> = Vec::new();
+        for back in std::iter::once(0).chain(READ_BACK_STEPS) {
+            let from = offset.saturating_sub(back).max(0);
+            if tried.contains(&from) {
+                continue;
+            }
+            tried.push(from);
+            match self.read_from(from, offset)? {
+                Read::Found(fp) => result = Probed::Found(fp),
+                Read::Absent => result = Probed::Absent,
+                Read::Passed { saw_before: true } | Read::Ended { saw_before: true } => {
+                    result = Probed::Missing
+                }
+                // An empty partition, or one whose records up to here are gone.
+                Read::Ended { saw_before: false } | Read::Passed { saw_before: false }
+                    if from == 0 =>
+                {
+                    result = Probed::Missing
+                }
+                // The read started after the offset, or saw nothing: go back.
+                Read::Passed { saw_before: false } | Read::Ended { saw_before: false } => continue,
+                // Nothing at all: some brokers say nothing for an offset in
+                // the middle of their last batch; earlier starts tell.
+                Read::Stalled if from > 0 => continue,
+                Read::Stalled => result = Probed::Unknown,
+            }
+            break;
+        }
+        log::debug!(
+            "probe of partition {} offset {offset}: {result:?}",
+            self.partition
+        );
+        Ok(result)
+    }
+
+    /// Reads forward from `from` until the record at `offset`, a record past
+    /// it, or the end of the log.
+    fn read_from(&self, from: Offset, offset: Offset) -> anyhow::Result<Read> {
+        assign(&self.consumer, &self.topic, self.partition, from).context("assigning the probe")?;
+        let started = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut saw_before = false;
+        let result = loop {
+            // Quiet for a while after reading records: the log ends there. A
+            // broker that sends nothing at all is asked again later instead.
+            let quiet = last_progress.elapsed();
+            if self.shutdown.requested() {
+                break Read::Stalled;
+            }
+            if quiet >= PROBE_QUIET {
+                break if saw_before {
+                    Read::Ended { saw_before }
+                } else {
+                    Read::Stalled
+                };
+            }
+            if started.elapsed() >= PROBE_TIMEOUT {
+                break if saw_before {
+                    Read::Ended { saw_before }
+                } else {
+                    Read::Stalled
+                };
+            }
+            match self.consumer.poll(PROBE_POLL_WAIT) {
+                None => {}
+                Some(Ok(message)) if message.offset() == offset => {
+                    break Read::Found(Fingerprint::of(offset, message.key(), message.payload()))
+                }
+                Some(Ok(message)) if message.offset() > offset => {
+                    break Read::Passed { saw_before }
+                }
+                Some(Ok(_)) => {
+                    saw_before = true;
+                    last_progress = Instant::now();
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break Read::Ended { saw_before },
+                Some(Err(e)) if needs_verification(&e) => {
+                    break match e.rdkafka_error_code() {
+                        Some(
+                            RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
+                        ) => Read::Ended { saw_before },
+                        _ => Read::Absent,
+                    }
+                }
+                Some(Err(e)) => {
+                    log::debug!("probe of partition {} offset {offset}: {e}", self.partition)
+                }
+            }
+        };
+        self.consumer.unassign().context("unassigning the probe")?;
+        Ok(result)
+    }
+}
+
+/// What one forward read from some offset showed.
+#[derive(Debug)]
+enum Read {
+    Found(Fingerprint),
+    /// A record past the offset came before the offset did.
+    Passed {
+        saw_before: bool,
+    },
+    /// The log ended (end of partition, out of range, or quiet after records).
+    Ended {
+        saw_before: bool,
+    },
+    /// The topic or partition is not there.
+    Absent,
+    /// Nothing at all arrived for a while.
+    Stalled,
+}
+
+/// Probes the topic for a request's records; waits while the topic is
+/// absent (deleted, not yet re-created).
+fn check_records(
+    probe: &RecordProbe,
+    request: &CheckRequest,
+    shutdown: &Shutdown,
+) -> anyhow::Result<CheckOutcome> {
+    let mut told_absent = false;
+    let mut probe_until_settled = |offset: Offset| -> anyhow::Result<Option<Probed>> {
+        loop {
+            match probe.record_at(offset)? {
+                Probed::Absent => {
+                    if !told_absent {
+                        log::warn!(
+                            "partition {}: topic {:?} is not there (deleted?); waiting for it",
+                            probe.partition,
+                            probe.topic
+                        );
+                        told_absent = true;
+                    }
+                    if shutdown.wait(ABSENT_TOPIC_RECHECK) {
+                        return Ok(None);
+                    }
+                }
+                Probed::Unknown => return Ok(None),
+                settled => return Ok(Some(settled)),
+            }
+        }
+    };
+    if request.expected.is_empty() {
+        return Ok(match probe_until_settled(request.adopt_offset)? {
+            Some(Probed::Found(fp)) => CheckOutcome::Current { anchor: Some(fp) },
+            Some(_) => CheckOutcome::Gone {
+                offset: request.adopt_offset,
+            },
+            None => CheckOutcome::Undecided,
+        });
+    }
+    for expected in &request.expected {
+        match probe_until_settled(expected.offset)? {
+            Some(Probed::Found(fp)) if fp == *expected => {}
+            Some(_) => {
+                return Ok(CheckOutcome::Gone {
+                    offset: expected.offset,
+                })
+            }
+            None => return Ok(CheckOutcome::Undecided),
+        }
+    }
+    Ok(CheckOutcome::Current {
+        anchor: request.last_record,
+    })
+}
+
+/// A partition's verifier thread (`verify-N`): answers check requests with
+/// its own Kafka client, so that routine checks never pause consumption.
+pub(super) struct Verifier {
+    requests: Option<Sender<CheckRequest>>,
+    answers: crossbeam_channel::Receiver<anyhow::Result<CheckOutcome>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Verifier {
+    pub(super) fn spawn(
+        bootstrap_servers: &str,
+        topic: &str,
+        partition: PartitionId,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Self> {
+        let probe = RecordProbe::new(bootstrap_servers, topic, partition, shutdown)?;
+        let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
+        let (outbox, answers) = crossbeam_channel::bounded(1);
+        let shutdown = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("verify-{partition}"))
+            .spawn(move || {
+                for request in inbox {
+                    if outbox
+                        .send(check_records(&probe, &request, &shutdown))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .context("starting a verifier thread")?;
+        Ok(Verifier {
+            requests: Some(requests),
+            answers,
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn ask(&self, request: CheckRequest) -> anyhow::Result<()> {
+        self.requests
+            .as_ref()
+            .and_then(|r| r.send(request).ok())
+            .ok_or_else(|| anyhow!("the verifier thread stopped"))
+    }
+
+    /// The answer, if one is ready.
+    pub(super) fn poll(&self) -> Option<anyhow::Result<CheckOutcome>> {
+        self.answers.try_recv().ok()
+    }
+
+    /// Waits for the answer; None if the thread is gone.
+    pub(super) fn wait(&self) -> Option<anyhow::Result<CheckOutcome>> {
+        self.answers.recv().ok()
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The partition worker's I/O shell (thread `partition-N`): it owns the
+//! partition's librdkafka client, its sled state and its verifier, feeds
+//! what they report to the [`PartitionMachine`] and carries out the actions
+//! it returns: commit a batch (statistics, counters, fingerprint and next
+//! offset in one transaction), hand the committed snapshot to the exporter,
+//! re-create the client at an offset, ask the verifier, reset the partition.
+//! Every decision lives in the machine; this module only does what it says.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use crossbeam_channel::Sender;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+
+use super::machine::{Action, Event, Flow, Limits, PartitionMachine, PollError, Record};
+use super::verify::Verifier;
+use super::{ConsumerConfig, Progress};
+use crate::exporter::Committed;
+use crate::kafka::{assign, cached_high_watermark, manual_assign_config, Offset, PartitionId};
+use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::shutdown::Shutdown;
+use crate::state::PartitionState;
+
+/// How often a worker refreshes its lag, for the progress lines.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
+/// Repeated lines about consumer errors and malformed messages: one per
+/// this, with a count of the rest.
+const NOISY_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// The workers' consumer group name (joined by no one: manual assignment).
+const WORKER_GROUP: &str = "weatherstream-consumer";
+
+impl Record for BorrowedMessage<'_> {
+    fn offset(&self) -> Offset {
+        Message::offset(self)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Message::key(self)
+    }
+    fn value(&self) -> Option<&[u8]> {
+        Message::payload(self)
+    }
+}
+
+/// Errors after which the stored offset must be checked against the topic.
+pub(super) fn needs_verification(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::OffsetOutOfRange
+                | RDKafkaErrorCode::AutoOffsetReset
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+        )
+    )
+}
+
+/// A client that reads one partition from the offsets we keep.
+fn partition_client(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
+    manual_assign_config(bootstrap_servers, WORKER_GROUP)
+        // A broker that answers a waiting fetch as soon as data arrives
+        // (Apache Kafka) makes this only the idle poll period; tansu answers
+        // when the wait is over, so it bounds the delay a report sees. Idle,
+        // a consumer of 4 partitions uses 3% of a core at 5 ms (2% at 20).
+        .set("fetch.wait.max.ms", "5")
+        // librdkafka prefetches up to 100,000 messages per partition by
+        // default; one batch (--max-batch, 10,000) is enough, and each
+        // worker has its own client.
+        .set("queued.min.messages", "10000")
+        .set("queued.max.messages.kbytes", "4096")
+        // When the prefetch queue is over those limits librdkafka waits
+        // this long before fetching again (default 1 s): a worker empties
+        // its queue in milliseconds, so the default idled catch-up 2/3 of
+        // the time.
+        .set("fetch.queue.backoff.ms", "10")
+        // librdkafka allocates a ~280-byte structure per message of a fetch
+        // response at once. Some brokers (tansu) ignore the per-partition
+        // limit and answer with megabytes; this total caps a response, so
+        // one client's queue stays a few MiB. A larger record batch still
+        // comes whole (Kafka since 0.10.1). message.max.bytes must not
+        // exceed it; a consumer does not otherwise use it.
+        .set("fetch.max.bytes", "524288")
+        .set("message.max.bytes", "524288")
+        .create()
+        .context("creating a Kafka consumer")
+}
+
+/// One partition's worker; [`PartitionWorker::run`] is its thread.
+pub(super) struct PartitionWorker {
+    config: ConsumerConfig,
+    state: PartitionState,
+    machine: PartitionMachine,
+    exporter: Sender<Committed>,
+    progress: Arc<Progress>,
+    shutdown: Shutdown,
+    /// The client reading the partition; replaced on every `ReadFrom`.
+    client: Option<BaseConsumer>,
+    errors: LogLimiter,
+    bad_input: LogLimiter,
+}
+
+impl PartitionWorker {
+    pub(super) fn new(
+        config: ConsumerConfig,
+        state: PartitionState,
+        exporter: Sender<Committed>,
+        progress: Arc<Progress>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let limits = Limits {
+            max_batch: config.max_batch,
+            batch_timeout: Duration::from_millis(config.batch_timeout_ms),
+            verify_interval: config.verify_interval,
+        };
+        PartitionWorker {
+            machine: PartitionMachine::new(state.snapshot(), limits, Instant::now()),
+            config,
+            state,
+            exporter,
+            progress,
+            shutdown,
+            client: None,
+            errors: LogLimiter::new(NOISY_LOG_INTERVAL),
+            bad_input: LogLimiter::new(NOISY_LOG_INTERVAL),
+        }
+    }
+
+    fn partition(&self) -> PartitionId {
+        self.progress.partition
+    }
+
+    pub(super) fn run(mut self) -> anyhow::Result<()> {
+        let verifier = Verifier::spawn(
+            &self.config.bootstrap_servers,
+            &self.config.topic,
+            self.partition(),
+            &self.shutdown,
+        )?;
+        let mut last_lag = Instant::now();
+        while !self.shutdown.requested() {
+            let event = match verifier.poll() {
+                Some(outcome) => Event::Verdict(outcome?),
+                None => Event::Tick,
+            };
+            let actions = self.machine.handle(event, Instant::now());
+            self.execute(actions, &verifier)?;
+            if !self.machine.is_reading() {
+                continue;
+            }
+            let Some(client) = self.client.take() else {
+                return Err(anyhow!("reading without a client (a bug)"));
+            };
+            let end = self.read_batch(&client)?;
+            if last_lag.elapsed() >= LAG_INTERVAL {
+                last_lag = Instant::now();
+                self.refresh_lag(&client);
+            }
+            self.client = Some(client);
+            let actions = self.machine.handle(end, Instant::now());
+            self.execute(actions, &verifier)?;
+        }
+        Ok(())
+    }
+
+    /// Carries out the machine's actions in order; a verdict awaited on the
+    /// way adds the actions it calls for.
+    fn execute(&mut self, actions: Vec<Action>, verifier: &Verifier) -> anyhow::Result<()> {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::ReadFrom(offset) => self.client = Some(self.client_at(offset)?),
+                Action::Ask(request) => verifier.ask(request)?,
+                Action::AwaitVerdict => {
+                    // None: the verifier stopped, which only shutdown does.
+                    let Some(outcome) = verifier.wait() else {
+                        return Ok(());
+                    };
+                    queue.extend(self.machine.handle(Event::Verdict(outcome?), Instant::now()));
+                }
+                Action::Pause(duration) => {
+                    self.shutdown.wait(duration);
+                }
+                Action::SetAnchor(anchor) => {
+                    self.state.set_anchor(anchor)?;
+                    self.machine.set_committed(self.state.snapshot());
+                }
+                Action::Reset {
+                    gone_offset,
+                    noticed_by,
+                } => {
+                    log::warn!(
+                        "partition {}: topic {:?} was re-created (the record at offset {gone_offset} is gone or different; noticed by {noticed_by}); \
+                         resetting this partition's statistics from offset {} to 0",
+                        self.partition(),
+                        self.config.topic,
+                        self.state.snapshot().next_offset
+                    );
+                    let snapshot = self.state.reset()?;
+                    self.progress.update(&snapshot);
+                    self.machine.set_committed(snapshot.clone());
+                    self.publish(Committed::current(snapshot))?;
+                }
+                Action::Publish { backlog } => self.publish(Committed {
+                    snapshot: self.state.snapshot(),
+                    backlog,
+                })?,
+                Action::GapAccepted { from } => log::warn!(
+                    "partition {}: offsets from {from} are missing from the log even when read from the start; going on after them",
+                    self.partition()
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// A new client reading this partition from `offset`.
+    fn client_at(&self, offset: Offset) -> anyhow::Result<BaseConsumer> {
+        let client = partition_client(&self.config.bootstrap_servers)?;
+        assign(&client, &self.config.topic, self.partition(), offset)
+            .context("assigning the partition")?;
+        Ok(client)
+    }
+
+    /// Reads one batch, commits what it counted, and returns how it ended.
+    fn read_batch(&mut self, client: &BaseConsumer) -> anyhow::Result<Event> {
+        let partition = self.partition();
+        let mut batch = self.machine.batch();
+        while batch.wants_more() {
+            if batch.clock_due() && batch.clock(Instant::now()) == Flow::Stop {
+                break;
+            }
+            let Some(polled) = client.poll(batch.poll_wait()) else {
+                break;
+            };
+            let flow = match polled {
+                Ok(message) => {
+                    let offset = Message::offset(&message);
+                    match batch.offer(message) {
+                        Flow::Malformed(reason) => {
+                            if let Some(suppressed) = self.bad_input.allow(Instant::now()) {
+                                log::warn!(
+                                    "partition {partition} offset {offset}: skipped malformed message: {reason}{}",
+                                    suppressed_note(suppressed)
+                                );
+                            }
+                            Flow::Continue
+                        }
+                        flow => flow,
+                    }
+                }
+                Err(error) if needs_verification(&error) => {
+                    batch.poll_error(PollError::NeedsCheck(format!("consumer error: {error}")))
+                }
+                Err(error) => {
+                    if let Some(suppressed) = self.errors.allow(Instant::now()) {
+                        log::warn!(
+                            "partition {partition}: {error}{}",
+                            suppressed_note(suppressed)
+                        );
+                    }
+                    batch.poll_error(PollError::Transient)
+                }
+            };
+            if flow == Flow::Stop {
+                break;
+            }
+        }
+        let (commit, end) = batch.finish();
+        let committed = match commit {
+            Some(commit) => {
+                let snapshot = self.state.commit(commit)?;
+                self.progress.update(&snapshot);
+                Some(snapshot)
+            }
+            None => None,
+        };
+        Ok(Event::BatchEnded {
+            end,
+            committed,
+            high_watermark: cached_high_watermark(client, &self.config.topic, partition),
+        })
+    }
+
+    /// Updates the lag from the watermark of the last fetch response.
+    fn refresh_lag(&self, client: &BaseConsumer) {
+        if let Some(high) = cached_high_watermark(client, &self.config.topic, self.partition()) {
+            self.progress.set_lag(high);
+        }
+    }
+
+    fn publish(&self, committed: Committed) -> anyhow::Result<()> {
+        self.exporter
+            .send(committed)
+            .map_err(|_| anyhow!("the exporter stopped"))
+    }
+}
