@@ -172,7 +172,10 @@ impl PartitionWorker {
         let mut queue = VecDeque::from(actions);
         while let Some(action) = queue.pop_front() {
             match action {
-                Action::ReadFrom(offset) => self.client = Some(self.client_at(offset)?),
+                Action::ReadFrom(offset) => {
+                    log::debug!("partition {}: reading from offset {offset}", self.partition());
+                    self.client = Some(self.client_at(offset)?);
+                }
                 Action::Ask(request) => verifier.ask(request)?,
                 Action::AwaitVerdict => {
                     // None: the verifier stopped, which only shutdown does.
