@@ -9,8 +9,8 @@
 #   docker exec -it p7 consumer inspect-state
 
 # Builder: the same script a developer runs (scripts/build-release.sh). No
-# protoc needed (protox compiles the .proto in Rust); librdkafka is built
-# from the vendored source with gcc and make.
+# protoc needed (protox compiles the .proto in Rust); librdkafka 2.12.1 is
+# built with gcc and make from vendor/rdkafka-sys (README: Dependencies).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

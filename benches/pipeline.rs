@@ -482,9 +482,9 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &bootstrap)
                 .set("group.id", "bench-fresh")
-                // The consumer's own setting: tansu answers a waiting fetch
+                // The consumer's setting here: tansu answers a waiting fetch
                 // only when this expires.
-                .set("fetch.wait.max.ms", "5")
+                .set("fetch.wait.max.ms", TANSU_FETCH_WAIT_MS)
                 .create()
                 .unwrap();
             c.assign(&all_partitions(&topic, rdkafka::Offset::Offset(0)))

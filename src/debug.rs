@@ -32,7 +32,7 @@ struct AssignmentLogger;
 impl ClientContext for AssignmentLogger {}
 
 impl ConsumerContext for AssignmentLogger {
-    fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();

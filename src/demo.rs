@@ -30,6 +30,10 @@ pub(crate) const DEFAULT_SEED: u64 = 1990;
 const PARTITIONS: i32 = 4;
 /// The pace of `--follow` after the first `--days`: one day per 0.1 s.
 const FOLLOW_DELAY: Duration = Duration::from_millis(100);
+/// The embedded broker (librdkafka's mock cluster) holds a fetch that finds
+/// nothing for the whole wait, like tansu: a short wait keeps `--follow`
+/// live. Against a real Kafka (`--bootstrap-servers`) the default applies.
+const EMBEDDED_FETCH_WAIT_MS: u64 = 5;
 /// A status line this often while the demo runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -209,6 +213,9 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
             (0..PARTITIONS).collect(),
         );
         c.progress_interval = None;
+        if embedded.is_some() {
+            c.fetch_wait_ms = EMBEDDED_FETCH_WAIT_MS;
+        }
         c
     };
     println!(

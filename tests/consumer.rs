@@ -139,19 +139,11 @@ fn a_restart_inside_a_broker_batch_reads_again_instead_of_skipping() {
     let topic = unique_topic("midbatch");
     let files = tempfile::tempdir().unwrap();
     let records = produce_and_read(&broker, &topic, 20_000, 13);
-    let mut cmd = bin("consumer");
-    cmd.args([
-        "--bootstrap-servers",
-        &broker.bootstrap,
-        "--topic",
-        &topic,
-        "--quiet",
-        "--max-batch",
-        "7",
-    ])
-    .arg("--files")
-    .arg(files.path())
-    .args(["0", "1", "2", "3"]);
+    let mut cmd = broker.consumer_cmd(&topic);
+    cmd.args(["--quiet", "--max-batch", "7"])
+        .arg("--files")
+        .arg(files.path())
+        .args(["0", "1", "2", "3"]);
     let mut first = Running::spawn(cmd);
     wait_until("some progress", Duration::from_secs(60), || {
         (0..4).all(|p| read_partition_file(files.path(), p).is_some_and(|f| f.offset > 50))
@@ -288,6 +280,48 @@ fn topic_recreated_while_running_and_before_start_up() {
                 .is_ok()
     });
     assert!(consumer.terminate().success());
+}
+
+/// librdkafka >= 2.5 segfaults when tansu answers a fetch for a deleted
+/// topic's id with a topic entry that has neither id nor name (a NULL name
+/// reaches strcmp). The vendored librdkafka skips such an entry, with a
+/// debug line; this test makes tansu send one and checks that the guard ran
+/// and the consumer lived on. Without the patch (see README, Dependencies)
+/// the consumer dies with SIGSEGV here.
+#[test]
+fn librdkafka_survives_tansus_nameless_metadata_for_a_deleted_topic() {
+    let broker = Broker::start_with(Storage::Memory);
+    let topic = unique_topic("nameless");
+    let files = tempfile::tempdir().unwrap();
+    let first = produce_and_read(&broker, &topic, 300, 4);
+    let mut cmd = broker.consumer_cmd(&topic);
+    cmd.env("RDKAFKA_DEBUG", "metadata")
+        .env("RUST_LOG", "warn,librdkafka=debug")
+        .arg("--quiet")
+        .arg("--files")
+        .arg(files.path())
+        .args(["0", "1", "2", "3"]);
+    let mut consumer = Running::spawn(cmd);
+    wait_for_records(files.path(), &first, Duration::from_secs(60));
+    let second = produce_and_read(&broker, &topic, 200, 5);
+    let ends = end_offsets(&second);
+    let reached = wait_until_or_timeout(Duration::from_secs(60), || {
+        if let Some(status) = consumer.child.try_wait().unwrap() {
+            panic!("the consumer died ({status}) when the topic was re-created");
+        }
+        (0..4).all(|p| {
+            read_partition_file(files.path(), p).is_some_and(|f| Some(&f.offset) == ends.get(&p))
+        })
+    });
+    assert!(reached, "the second topic was not counted in time");
+    assert!(
+        consumer
+            .stderr_text()
+            .contains("topic with neither id nor name"),
+        "tansu sent no nameless topic entry this time: the guard was not exercised"
+    );
+    assert!(consumer.terminate().success());
+    assert_files_match(files.path(), &recompute(&second), 4);
 }
 
 fn raw_producer(broker: &Broker) -> BaseProducer {

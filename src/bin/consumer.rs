@@ -62,6 +62,13 @@ struct RunArgs {
     /// Longest a batch collects reports, milliseconds
     #[arg(long, default_value_t = 100)]
     batch_timeout_ms: u64,
+    /// Longest the broker may hold a fetch that finds nothing new,
+    /// milliseconds. Apache Kafka answers as soon as a report arrives, so the
+    /// default only sets how often an idle partition asks; brokers that hold
+    /// an empty fetch for the whole wait (tansu) need a few milliseconds
+    #[arg(long, env = "CONSUMER_FETCH_WAIT_MS", default_value_t = consumer::DEFAULT_FETCH_WAIT_MS,
+          value_parser = clap::value_parser!(u64).range(1..=300_000))]
+    fetch_wait_ms: u64,
     /// No progress lines
     #[arg(long)]
     quiet: bool,
@@ -131,6 +138,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     config.max_batch = args.max_batch as usize;
     config.batch_timeout_ms = args.batch_timeout_ms;
+    config.fetch_wait_ms = args.fetch_wait_ms;
     if args.quiet {
         config.progress_interval = None;
     }

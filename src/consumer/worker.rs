@@ -46,6 +46,8 @@ impl Record for BorrowedMessage<'_> {
 }
 
 /// Errors after which the stored offset must be checked against the topic.
+/// Since librdkafka 2.5 fetches by topic id, a deleted topic can also show
+/// as an unknown topic id (Apache Kafka's answer to a fetch for it).
 pub(super) fn needs_verification(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
@@ -55,21 +57,21 @@ pub(super) fn needs_verification(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::UnknownTopicOrPartition
                 | RDKafkaErrorCode::UnknownTopic
                 | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopicId
         )
     )
 }
 
 /// A client that reads one partition from the offsets we keep.
-fn partition_client(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
-    manual_assign_config(bootstrap_servers, WORKER_GROUP)
-        // A broker that answers a waiting fetch as soon as data arrives
-        // (Apache Kafka) makes this only the idle poll period; tansu answers
-        // when the wait is over, so it bounds the delay a report sees. Idle,
-        // a consumer of 4 partitions uses 3% of a core at 5 ms (2% at 20).
-        .set("fetch.wait.max.ms", "5")
-        // librdkafka prefetches up to 100,000 messages per partition by
-        // default; one batch (--max-batch, 10,000) is enough, and each
-        // worker has its own client.
+fn partition_client(config: &ConsumerConfig) -> anyhow::Result<BaseConsumer> {
+    manual_assign_config(&config.bootstrap_servers, WORKER_GROUP)
+        // See DEFAULT_FETCH_WAIT_MS: the idle poll period on Apache Kafka,
+        // the delay every report sees on brokers that hold empty fetches.
+        .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
+        // The rest is right for any broker. librdkafka prefetches up to
+        // 100,000 messages per partition by default; one batch
+        // (--max-batch, 10,000) is enough, and each worker has its own
+        // client.
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "4096")
         // When the prefetch queue is over those limits librdkafka waits
@@ -78,8 +80,9 @@ fn partition_client(bootstrap_servers: &str) -> anyhow::Result<BaseConsumer> {
         // the time.
         .set("fetch.queue.backoff.ms", "10")
         // librdkafka allocates a ~280-byte structure per message of a fetch
-        // response at once. Some brokers (tansu) ignore the per-partition
-        // limit and answer with megabytes; this total caps a response, so
+        // response at once, so a response's size is memory. Apache Kafka
+        // honours max.partition.fetch.bytes (1 MiB); tansu ignores it and
+        // answers with megabytes. This total caps a response for both, so
         // one client's queue stays a few MiB. A larger record batch still
         // comes whole (Kafka since 0.10.1). message.max.bytes must not
         // exceed it; a consumer does not otherwise use it.
@@ -222,7 +225,7 @@ impl PartitionWorker {
 
     /// A new client reading this partition from `offset`.
     fn client_at(&self, offset: Offset) -> anyhow::Result<BaseConsumer> {
-        let client = partition_client(&self.config.bootstrap_servers)?;
+        let client = partition_client(&self.config)?;
         assign(&client, &self.config.topic, self.partition(), offset)
             .context("assigning the partition")?;
         Ok(client)

@@ -25,6 +25,11 @@ pub struct Broker {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// `--fetch-wait-ms` for tansu: it holds a fetch that finds nothing for
+/// the whole wait (Apache Kafka answers when a record arrives), so the
+/// consumer's default of 500 ms would delay every report by up to that.
+pub const TANSU_FETCH_WAIT_MS: &str = "5";
+
 fn tansu_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("TANSU_BIN") {
         return PathBuf::from(bin);
@@ -224,19 +229,27 @@ pub fn reports_for(days: u64, seed: u64) -> usize {
     n
 }
 
+impl Broker {
+    /// `consumer` connected to this broker and `topic`, with the fetch wait
+    /// the broker needs (tansu's when the test started tansu; the consumer's
+    /// default against a real Kafka from KAFKA_BOOTSTRAP_SERVERS).
+    pub fn consumer_cmd(&self, topic: &str) -> Command {
+        let mut cmd = bin("consumer");
+        cmd.args(["--bootstrap-servers", &self.bootstrap, "--topic", topic]);
+        if self.child.is_some() {
+            cmd.args(["--fetch-wait-ms", TANSU_FETCH_WAIT_MS]);
+        }
+        cmd
+    }
+}
+
 /// Starts `consumer PARTITIONS...` on `files` (state in files/state).
 pub fn start_consumer(broker: &Broker, topic: &str, files: &Path, partitions: &[i32]) -> Running {
-    let mut cmd = bin("consumer");
-    cmd.args([
-        "--bootstrap-servers",
-        &broker.bootstrap,
-        "--topic",
-        topic,
-        "--quiet",
-    ])
-    .arg("--files")
-    .arg(files)
-    .args(partitions.iter().map(|p| p.to_string()));
+    let mut cmd = broker.consumer_cmd(topic);
+    cmd.arg("--quiet")
+        .arg("--files")
+        .arg(files)
+        .args(partitions.iter().map(|p| p.to_string()));
     Running::spawn(cmd)
 }
 
@@ -252,15 +265,20 @@ pub fn wait_for_offsets(
     partitions: i32,
     timeout: Duration,
 ) {
-    wait_until(
-        "partition files to reach the end of the topic",
-        timeout,
-        || {
-            (0..partitions).all(|p| {
-                let want = ends.get(&p).copied().unwrap_or(0);
-                read_partition_file(files, p).is_some_and(|f| f.offset == want)
-            })
-        },
+    let found = || -> Vec<Option<i64>> {
+        (0..partitions)
+            .map(|p| read_partition_file(files, p).map(|f| f.offset))
+            .collect()
+    };
+    let wanted: Vec<Option<i64>> = (0..partitions)
+        .map(|p| Some(ends.get(&p).copied().unwrap_or(0)))
+        .collect();
+    let reached = wait_until_or_timeout(timeout, || found() == wanted);
+    assert!(
+        reached,
+        "timed out waiting for partition files to reach the end of the topic: \
+         want offsets {wanted:?}, the files show {:?}",
+        found()
     );
 }
 
@@ -427,12 +445,24 @@ pub fn assert_files_match(files: &Path, expected: &Expected, partitions: i32) {
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
-pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    assert!(
+        wait_until_or_timeout(timeout, condition),
+        "timed out waiting for {what}"
+    );
+}
+
+/// Polls `condition` every 50 ms until it holds (true) or `timeout` passes
+/// (false).
+pub fn wait_until_or_timeout(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 /// A child process whose stderr lines are collected in the background.
