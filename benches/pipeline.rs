@@ -405,9 +405,76 @@ fn bench_catchup(broker: &Broker, topic: &str) {
         first.unwrap_or_default().as_secs_f64()
     );
 
+    let plain = catch_up_ours(broker, topic, count, &[]);
+    let (wall, cpu, rss, files) = &plain;
+    let rate = count as f64 / wall;
+    let cpu_per = cpu / count as f64 * 1e6;
+    println!(
+        "  consumer (ours):         {rate:>9.0} reports/s, {cpu_per:.2} us CPU/report  => {:.2} of raw in wall time, {:.2}x raw CPU/report",
+        rate / raw_rate,
+        cpu_per / (raw_cpu / count as f64 * 1e6)
+    );
+    println!("  consumer peak RSS (4 partitions): {rss:.1} MiB");
+
+    // The cost of --metrics-addr: rounds alternate without and with it, so
+    // that drift in the machine falls on both sides; medians compared.
+    let (mut without, mut with) = (vec![*cpu], Vec::new());
+    for round in 0..5 {
+        let metrics = round % 2 == 0;
+        let args: &[&str] = if metrics {
+            &["--metrics-addr", "127.0.0.1:0"]
+        } else {
+            &[]
+        };
+        let (_, cpu, _, _) = catch_up_ours(broker, topic, count, args);
+        if metrics { &mut with } else { &mut without }.push(cpu);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain_cpu, metrics_cpu) = (median(&mut without), median(&mut with));
+    println!(
+        "  with --metrics-addr:      {:.2} us CPU/report against {:.2} without (median of 3 each, alternating) => {:+.1}%",
+        metrics_cpu / count as f64 * 1e6,
+        plain_cpu / count as f64 * 1e6,
+        (metrics_cpu / plain_cpu - 1.0) * 100.0
+    );
+
+    // consumer verify on the state the first run left: reads and recomputes
+    // all 4 partitions from offset 0.
+    let started = Instant::now();
+    let out = broker.verify_cmd(topic, files.path()).output().unwrap();
+    let verify_wall = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "verify failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    println!(
+        "  consumer verify (4 partitions, in parallel): {:>9.0} records/s read and recomputed ({count} in {verify_wall:.2} s) => {:.2} of the raw consumer",
+        count as f64 / verify_wall,
+        count as f64 / verify_wall / raw_rate
+    );
+}
+
+/// Our consumer from empty state until every report is published: wall
+/// seconds, CPU seconds, peak RSS in MiB, and its files folder.
+fn catch_up_ours(
+    broker: &Broker,
+    topic: &str,
+    count: u64,
+    extra_args: &[&str],
+) -> (f64, f64, f64, tempfile::TempDir) {
     let files = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let mut ours = start_consumer(broker, topic, files.path(), &[0, 1, 2, 3]);
+    let mut cmd = broker.consumer_cmd(topic);
+    cmd.arg("--quiet")
+        .args(extra_args)
+        .arg("--files")
+        .arg(files.path())
+        .args(["0", "1", "2", "3"]);
+    let mut ours = Running::spawn(cmd);
     let pid = ours.child.id();
     let (mut cpu, mut rss) = (0.0, 0.0);
     wait_until(
@@ -425,14 +492,7 @@ fn bench_catchup(broker: &Broker, topic: &str) {
     );
     let wall = started.elapsed().as_secs_f64();
     assert!(ours.terminate().success());
-    let rate = count as f64 / wall;
-    let cpu_per = cpu / count as f64 * 1e6;
-    println!(
-        "  consumer (ours):         {rate:>9.0} reports/s, {cpu_per:.2} us CPU/report  => {:.2} of raw in wall time, {:.2}x raw CPU/report",
-        rate / raw_rate,
-        cpu_per / (raw_cpu / count as f64 * 1e6)
-    );
-    println!("  consumer peak RSS (4 partitions): {rss:.1} MiB");
+    (wall, cpu, rss, files)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

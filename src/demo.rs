@@ -48,6 +48,8 @@ pub struct DemoConfig {
     pub follow: bool,
     pub fresh: bool,
     pub seed: Option<u64>,
+    /// Serve the consumer's metrics here; None: off.
+    pub metrics_addr: Option<String>,
 }
 
 /// librdkafka's in-process mock broker, owned by an idle client of ours so
@@ -213,6 +215,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
             (0..PARTITIONS).collect(),
         );
         c.progress_interval = None;
+        c.metrics_addr = config.metrics_addr.clone();
         if embedded.is_some() {
             c.fetch_wait_ms = EMBEDDED_FETCH_WAIT_MS;
         }

@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::chart::{chart_input, ChartInput, ChartRenderer};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::metrics::{Metrics, PartitionMetrics};
 use crate::published::{partition_file, publish};
 use crate::state::Snapshot;
 
@@ -77,11 +78,19 @@ pub struct Exporter {
 impl Exporter {
     /// Starts the exporter; `render_chart` re-renders month.svg after
     /// publishing (at most once per [`CHART_INTERVAL`]).
-    pub fn spawn(files_dir: PathBuf, render_chart: bool) -> std::io::Result<Self> {
+    pub fn spawn(
+        files_dir: PathBuf,
+        render_chart: bool,
+        metrics: Option<Arc<Metrics>>,
+    ) -> std::io::Result<Self> {
         let (sender, receiver) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let thread = std::thread::Builder::new()
             .name("exporter".into())
-            .spawn(move || ExportLoop::new(files_dir, render_chart).run(receiver))?;
+            .spawn(move || {
+                let mut export = ExportLoop::new(files_dir, render_chart);
+                export.metrics = metrics;
+                export.run(receiver)
+            })?;
         Ok(Exporter {
             sender: Some(sender),
             thread: Some(thread),
@@ -130,6 +139,9 @@ struct ExportLoop {
     last_chart: Option<Instant>,
     /// A full or failing disk fails every retry: one line per interval.
     write_errors: LogLimiter,
+    metrics: Option<Arc<Metrics>>,
+    /// Each partition's metric handles, looked up once.
+    partition_metrics: BTreeMap<PartitionId, PartitionMetrics>,
 }
 
 impl ExportLoop {
@@ -145,6 +157,8 @@ impl ExportLoop {
             chart_due: false,
             last_chart: None,
             write_errors: LogLimiter::new(WRITE_ERROR_LOG_INTERVAL),
+            metrics: None,
+            partition_metrics: BTreeMap::new(),
         }
     }
 
@@ -225,10 +239,16 @@ impl ExportLoop {
             let started = Instant::now();
             match publish(&self.files_dir, &snapshot) {
                 Ok(()) => {
+                    let took = started.elapsed();
                     self.published
                         .insert(partition, (snapshot.epoch, snapshot.next_offset));
-                    self.last_publish
-                        .insert(partition, (Instant::now(), started.elapsed()));
+                    self.last_publish.insert(partition, (Instant::now(), took));
+                    if let Some(metrics) = &self.metrics {
+                        self.partition_metrics
+                            .entry(partition)
+                            .or_insert_with(|| metrics.partition(partition))
+                            .published(took);
+                    }
                     if self.render_chart {
                         self.chart_inputs
                             .insert(partition, chart_input(&snapshot.aggregates));

@@ -127,6 +127,43 @@ pub(crate) fn manual_assign_config(bootstrap_servers: &str, group: &str) -> Clie
     config
 }
 
+/// [`manual_assign_config`] for reading a partition through at full speed
+/// (the partition workers, `consumer verify`); `fetch_wait_ms` is the
+/// longest the broker may hold a fetch that finds nothing new.
+pub(crate) fn reading_config(
+    bootstrap_servers: &str,
+    group: &str,
+    fetch_wait_ms: u64,
+) -> ClientConfig {
+    let mut config = manual_assign_config(bootstrap_servers, group);
+    config
+        // See consumer::DEFAULT_FETCH_WAIT_MS: the idle poll period on
+        // Apache Kafka, the delay every report sees on brokers that hold
+        // empty fetches.
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        // The rest is right for any broker. librdkafka prefetches up to
+        // 100,000 messages per partition by default; one batch
+        // (--max-batch, 10,000) is enough, and each reader has its own
+        // client.
+        .set("queued.min.messages", "10000")
+        .set("queued.max.messages.kbytes", "4096")
+        // When the prefetch queue is over those limits librdkafka waits
+        // this long before fetching again (default 1 s): a reader empties
+        // its queue in milliseconds, so the default idled catch-up 2/3 of
+        // the time.
+        .set("fetch.queue.backoff.ms", "10")
+        // librdkafka allocates a ~280-byte structure per message of a fetch
+        // response at once, so a response's size is memory. Apache Kafka
+        // honours max.partition.fetch.bytes (1 MiB); tansu ignores it and
+        // answers with megabytes. This total caps a response for both, so
+        // one client's queue stays a few MiB. A larger record batch still
+        // comes whole (Kafka since 0.10.1). message.max.bytes must not
+        // exceed it; a consumer does not otherwise use it.
+        .set("fetch.max.bytes", "524288")
+        .set("message.max.bytes", "524288");
+    config
+}
+
 /// Points `consumer` at one partition of `topic`, from `offset`.
 pub(crate) fn assign<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,

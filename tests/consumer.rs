@@ -529,9 +529,21 @@ fn bad_start_up_input_gives_one_clear_error() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Usage errors.
-    for args in [&["0", "0"][..], &["x"], &[]] {
+    for args in [
+        &["0", "0"][..],
+        &["x"],
+        &[],
+        &["--fetch-wait-ms", "0", "0"],
+        &["--fetch-wait-ms", "soon", "0"],
+    ] {
         assert_eq!(run(args).status.code(), Some(2), "{args:?}");
     }
+    // The fetch wait is documented with the default that fits Apache Kafka.
+    let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
+    assert!(
+        help.contains("--fetch-wait-ms") && help.contains("[default: 500]"),
+        "{help}"
+    );
     // A corrupt partition file and no state: refuse, name it, leave it alone.
     let path = files.path().join("partition-3.json");
     std::fs::write(&path, "{\"partition\": 3, \"offset\": ").unwrap();

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
 use weatherstream::kafka::PartitionId;
+use weatherstream::recount::{self, VerifyConfig};
 use weatherstream::{cli, shutdown::Shutdown, tools};
 
 /// Keeps exactly-once month/year statistics of the given partitions and
@@ -48,6 +49,17 @@ impl Folders {
 }
 
 #[derive(Args)]
+struct FetchWait {
+    /// Longest the broker may hold a fetch that finds nothing new,
+    /// milliseconds. Apache Kafka answers as soon as a report arrives, so the
+    /// default only sets how often an idle partition asks; brokers that hold
+    /// an empty fetch for the whole wait (tansu) need a few milliseconds
+    #[arg(long, env = "CONSUMER_FETCH_WAIT_MS", default_value_t = consumer::DEFAULT_FETCH_WAIT_MS,
+          value_parser = clap::value_parser!(u64).range(1..=300_000))]
+    fetch_wait_ms: u64,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Partitions to consume, e.g. `0 2`
     #[arg(required = true, value_name = "PARTITION")]
@@ -62,13 +74,11 @@ struct RunArgs {
     /// Longest a batch collects reports, milliseconds
     #[arg(long, default_value_t = 100)]
     batch_timeout_ms: u64,
-    /// Longest the broker may hold a fetch that finds nothing new,
-    /// milliseconds. Apache Kafka answers as soon as a report arrives, so the
-    /// default only sets how often an idle partition asks; brokers that hold
-    /// an empty fetch for the whole wait (tansu) need a few milliseconds
-    #[arg(long, env = "CONSUMER_FETCH_WAIT_MS", default_value_t = consumer::DEFAULT_FETCH_WAIT_MS,
-          value_parser = clap::value_parser!(u64).range(1..=300_000))]
-    fetch_wait_ms: u64,
+    #[command(flatten)]
+    fetch: FetchWait,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
+    #[arg(long, env = "CONSUMER_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// No progress lines
     #[arg(long)]
     quiet: bool,
@@ -83,6 +93,21 @@ enum Command {
         partitions: Vec<PartitionId>,
         #[command(flatten)]
         folders: Folders,
+    },
+    /// Recompute the statistics from the topic and compare them with the
+    /// state (or, for a partition a running consumer holds, its published
+    /// file); exit 0 when all match, 1 when anything differs or could not
+    /// be verified
+    Verify {
+        /// Partitions to verify [default: every partition with a state or a file]
+        #[arg(value_name = "PARTITION")]
+        partitions: Vec<PartitionId>,
+        #[command(flatten)]
+        connection: cli::Connection,
+        #[command(flatten)]
+        folders: Folders,
+        #[command(flatten)]
+        fetch: FetchWait,
     },
     /// Show what the state holds, per partition
     InspectState {
@@ -106,6 +131,26 @@ fn main() -> ExitCode {
             partitions,
             folders,
         }) => tools::export(&folders.files_dir, &folders.state_dir(), &partitions),
+        Some(Command::Verify {
+            partitions,
+            connection,
+            folders,
+            fetch,
+        }) => {
+            let config = VerifyConfig {
+                bootstrap_servers: connection.bootstrap_servers,
+                topic: connection.topic,
+                files_dir: folders.files_dir.clone(),
+                state_dir: folders.state_dir(),
+                partitions,
+                fetch_wait_ms: fetch.fetch_wait_ms,
+            };
+            match recount::run(&config, &mut std::io::stdout().lock()) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(error) => Err(error),
+            }
+        }
         Some(Command::InspectState {
             partitions,
             json,
@@ -138,7 +183,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     config.max_batch = args.max_batch as usize;
     config.batch_timeout_ms = args.batch_timeout_ms;
-    config.fetch_wait_ms = args.fetch_wait_ms;
+    config.fetch_wait_ms = args.fetch.fetch_wait_ms;
+    config.metrics_addr = args.metrics_addr;
     if args.quiet {
         config.progress_interval = None;
     }

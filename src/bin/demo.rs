@@ -34,6 +34,9 @@ struct Args {
     /// Seed of the weather stream [default: 1990, or the earlier runs' seed]
     #[arg(long)]
     seed: Option<u64>,
+    /// Serve the consumer's Prometheus metrics at http://HOST:PORT/metrics
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         follow: args.follow,
         fresh: args.fresh,
         seed: args.seed,
+        metrics_addr: args.metrics_addr,
     };
     let result = Shutdown::install()
         .map_err(anyhow::Error::from)

@@ -32,6 +32,7 @@ use anyhow::{anyhow, bail, Context as _};
 use crate::aggregate::Aggregates;
 use crate::exporter::{Committed, Exporter};
 use crate::kafka::{Offset, PartitionId, TopicAdmin};
+use crate::metrics::{Metrics, MetricsServer};
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
 use crate::state::{PartitionState, Snapshot};
@@ -76,6 +77,8 @@ pub struct ConsumerConfig {
     pub progress_interval: Option<Duration>,
     /// Re-render month.svg after publishing.
     pub render_chart: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`; None: off.
+    pub metrics_addr: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -99,6 +102,7 @@ impl ConsumerConfig {
             verify_interval: DEFAULT_VERIFY_INTERVAL,
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
             render_chart: true,
+            metrics_addr: None,
         }
     }
 }
@@ -136,11 +140,13 @@ impl Progress {
             .store(snapshot.counters.malformed, Ordering::Relaxed);
     }
 
-    /// The lag, from the end of the log as the client last heard it.
-    fn set_lag(&self, high_watermark: Offset) {
+    /// The lag, from the end of the log as the client last heard it;
+    /// returns it.
+    fn set_lag(&self, high_watermark: Offset) -> Offset {
         let next = self.next_offset.load(Ordering::Relaxed);
-        self.lag
-            .store((high_watermark - next).max(0), Ordering::Relaxed);
+        let lag = (high_watermark - next).max(0);
+        self.lag.store(lag, Ordering::Relaxed);
+        lag
     }
 }
 
@@ -163,6 +169,12 @@ pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
 /// Runs the consumer until shutdown; returns the first worker error.
 pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
+    // Bound first: a bad address is an error before any partition is touched.
+    let metrics = Metrics::new();
+    let _metrics_server = match &config.metrics_addr {
+        Some(address) => Some(MetricsServer::start(address, metrics.clone())?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state folder {}", config.state_dir.display()))?;
     // Claim every partition first: a second process fails before touching anything.
@@ -201,8 +213,12 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         );
     }
 
-    let exporter = Exporter::spawn(config.files_dir.clone(), config.render_chart)
-        .context("starting the exporter thread")?;
+    let exporter = Exporter::spawn(
+        config.files_dir.clone(),
+        config.render_chart,
+        Some(metrics.clone()),
+    )
+    .context("starting the exporter thread")?;
     let mut workers = Vec::new();
     for mut state in states {
         reconcile_at_start(config, &mut state)?;
@@ -217,6 +233,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
             state,
             exporter.sender(),
             progress.clone(),
+            metrics.partition(progress.partition),
             shutdown.clone(),
         );
         workers.push(WorkerHandle::spawn(worker, progress)?);

@@ -20,8 +20,9 @@ use super::machine::{Action, Event, Flow, Limits, PartitionMachine, PollError, R
 use super::verify::Verifier;
 use super::{ConsumerConfig, Progress};
 use crate::exporter::Committed;
-use crate::kafka::{assign, cached_high_watermark, manual_assign_config, Offset, PartitionId};
+use crate::kafka::{assign, cached_high_watermark, reading_config, Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::metrics::{BatchCounts, PartitionMetrics};
 use crate::shutdown::Shutdown;
 use crate::state::PartitionState;
 
@@ -64,32 +65,13 @@ pub(super) fn needs_verification(error: &KafkaError) -> bool {
 
 /// A client that reads one partition from the offsets we keep.
 fn partition_client(config: &ConsumerConfig) -> anyhow::Result<BaseConsumer> {
-    manual_assign_config(&config.bootstrap_servers, WORKER_GROUP)
-        // See DEFAULT_FETCH_WAIT_MS: the idle poll period on Apache Kafka,
-        // the delay every report sees on brokers that hold empty fetches.
-        .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
-        // The rest is right for any broker. librdkafka prefetches up to
-        // 100,000 messages per partition by default; one batch
-        // (--max-batch, 10,000) is enough, and each worker has its own
-        // client.
-        .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "4096")
-        // When the prefetch queue is over those limits librdkafka waits
-        // this long before fetching again (default 1 s): a worker empties
-        // its queue in milliseconds, so the default idled catch-up 2/3 of
-        // the time.
-        .set("fetch.queue.backoff.ms", "10")
-        // librdkafka allocates a ~280-byte structure per message of a fetch
-        // response at once, so a response's size is memory. Apache Kafka
-        // honours max.partition.fetch.bytes (1 MiB); tansu ignores it and
-        // answers with megabytes. This total caps a response for both, so
-        // one client's queue stays a few MiB. A larger record batch still
-        // comes whole (Kafka since 0.10.1). message.max.bytes must not
-        // exceed it; a consumer does not otherwise use it.
-        .set("fetch.max.bytes", "524288")
-        .set("message.max.bytes", "524288")
-        .create()
-        .context("creating a Kafka consumer")
+    reading_config(
+        &config.bootstrap_servers,
+        WORKER_GROUP,
+        config.fetch_wait_ms,
+    )
+    .create()
+    .context("creating a Kafka consumer")
 }
 
 /// One partition's worker; [`PartitionWorker::run`] is its thread.
@@ -99,6 +81,7 @@ pub(super) struct PartitionWorker {
     machine: PartitionMachine,
     exporter: Sender<Committed>,
     progress: Arc<Progress>,
+    metrics: PartitionMetrics,
     shutdown: Shutdown,
     /// The client reading the partition; replaced on every `ReadFrom`.
     client: Option<BaseConsumer>,
@@ -112,6 +95,7 @@ impl PartitionWorker {
         state: PartitionState,
         exporter: Sender<Committed>,
         progress: Arc<Progress>,
+        metrics: PartitionMetrics,
         shutdown: Shutdown,
     ) -> Self {
         let limits = Limits {
@@ -119,8 +103,10 @@ impl PartitionWorker {
             batch_timeout: Duration::from_millis(config.batch_timeout_ms),
             verify_interval: config.verify_interval,
         };
+        metrics.set_next_offset(state.snapshot().next_offset);
         PartitionWorker {
             machine: PartitionMachine::new(state.snapshot(), limits, Instant::now()),
+            metrics,
             config,
             state,
             exporter,
@@ -207,6 +193,7 @@ impl PartitionWorker {
                     );
                     let snapshot = self.state.reset()?;
                     self.progress.update(&snapshot);
+                    self.metrics.reset();
                     self.machine.set_committed(snapshot.clone());
                     self.publish(Committed::current(snapshot))?;
                 }
@@ -278,7 +265,15 @@ impl PartitionWorker {
         let (commit, end) = batch.finish();
         let committed = match commit {
             Some(commit) => {
+                let counts = BatchCounts {
+                    counted: commit.counted,
+                    duplicates: commit.duplicates,
+                    malformed: commit.malformed,
+                };
+                let started = Instant::now();
                 let snapshot = self.state.commit(commit)?;
+                self.metrics
+                    .committed(&counts, snapshot.next_offset, started.elapsed());
                 self.progress.update(&snapshot);
                 Some(snapshot)
             }
@@ -294,7 +289,7 @@ impl PartitionWorker {
     /// Updates the lag from the watermark of the last fetch response.
     fn refresh_lag(&self, client: &BaseConsumer) {
         if let Some(high) = cached_high_watermark(client, &self.config.topic, self.partition()) {
-            self.progress.set_lag(high);
+            self.metrics.set_lag(self.progress.set_lag(high));
         }
     }
 

@@ -43,7 +43,7 @@ fn tansu_bin() -> PathBuf {
     default
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -235,11 +235,34 @@ impl Broker {
     /// default against a real Kafka from KAFKA_BOOTSTRAP_SERVERS).
     pub fn consumer_cmd(&self, topic: &str) -> Command {
         let mut cmd = bin("consumer");
-        cmd.args(["--bootstrap-servers", &self.bootstrap, "--topic", topic]);
-        if self.child.is_some() {
-            cmd.args(["--fetch-wait-ms", TANSU_FETCH_WAIT_MS]);
-        }
+        cmd.args(["--bootstrap-servers", &self.bootstrap, "--topic", topic])
+            .args(self.fetch_wait_args());
         cmd
+    }
+
+    /// `consumer verify` of `topic` against this broker, on `files`.
+    pub fn verify_cmd(&self, topic: &str, files: &Path) -> Command {
+        let mut cmd = bin("consumer");
+        cmd.args([
+            "verify",
+            "--bootstrap-servers",
+            &self.bootstrap,
+            "--topic",
+            topic,
+        ])
+        .args(self.fetch_wait_args())
+        .arg("--files")
+        .arg(files);
+        cmd
+    }
+
+    /// `--fetch-wait-ms` as this broker needs it (none for a real Kafka).
+    pub fn fetch_wait_args(&self) -> Vec<&'static str> {
+        if self.child.is_some() {
+            vec!["--fetch-wait-ms", TANSU_FETCH_WAIT_MS]
+        } else {
+            Vec::new()
+        }
     }
 }
 

@@ -1,0 +1,342 @@
+//! The consumer's Prometheus metrics: this module owns the registry, the
+//! metric families (names prefixed `weatherstream_`, counters ending in
+//! `_total`, units in the name) and the `/metrics` endpoint, served by a
+//! small synchronous HTTP server on a thread of its own when
+//! `--metrics-addr` is given. Workers and the exporter update per-partition
+//! handles; encoding is the `prometheus` crate's text format.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context as _};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::kafka::{Offset, PartitionId};
+
+/// Buckets of the commit and publish durations: 100 µs to 2.5 s. A commit
+/// (sled transaction and flush) takes a few ms on a local disk, a publish
+/// (render, fsync, rename, fsync) about as long; a stalling disk shows in
+/// the upper buckets.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// Every metric of one process.
+pub(crate) struct Metrics {
+    registry: Registry,
+    next_offset: IntGaugeVec,
+    lag: IntGaugeVec,
+    counted: IntCounterVec,
+    duplicates: IntCounterVec,
+    malformed: IntCounterVec,
+    recreations: IntCounterVec,
+    batches: IntCounterVec,
+    commit_seconds: HistogramVec,
+    publish_seconds: HistogramVec,
+    last_publish: GaugeVec,
+}
+
+/// One partition's handles: updating them takes no lookup.
+#[derive(Clone)]
+pub(crate) struct PartitionMetrics {
+    partition: String,
+    next_offset: IntGauge,
+    lag_family: IntGaugeVec,
+    counted: IntCounter,
+    duplicates: IntCounter,
+    malformed: IntCounter,
+    recreations: IntCounter,
+    batches: IntCounter,
+    commit_seconds: Histogram,
+    publish_seconds: Histogram,
+    last_publish: Gauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let labels = &["partition"];
+        let int_gauge = |name: &str, help: &str| {
+            let family = IntGaugeVec::new(opts(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(family.clone()))
+                .expect("registered once");
+            family
+        };
+        let next_offset = int_gauge(
+            "weatherstream_next_offset",
+            "Offset of the next record to read, as committed",
+        );
+        let lag = int_gauge(
+            "weatherstream_lag_records",
+            "High watermark minus next offset, as the client last heard it (absent while unknown)",
+        );
+        let counter = |name: &str, help: &str| {
+            let family = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(family.clone()))
+                .expect("registered once");
+            family
+        };
+        let counted = counter(
+            "weatherstream_reports_counted_total",
+            "Reports counted into the statistics by this process",
+        );
+        let duplicates = counter(
+            "weatherstream_duplicates_dropped_total",
+            "Reports dropped as repeats of a recorded date by this process",
+        );
+        let malformed = counter(
+            "weatherstream_malformed_skipped_total",
+            "Messages skipped as malformed by this process",
+        );
+        let recreations = counter(
+            "weatherstream_recreations_detected_total",
+            "Topic re-creations detected (statistics reset to offset 0)",
+        );
+        let batches = counter(
+            "weatherstream_batches_committed_total",
+            "Batches committed (one sled transaction each)",
+        );
+        let histogram = |name: &str, help: &str| {
+            let family = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(family.clone()))
+                .expect("registered once");
+            family
+        };
+        let commit_seconds = histogram(
+            "weatherstream_commit_duration_seconds",
+            "Time of one batch commit: sled transaction and flush",
+        );
+        let publish_seconds = histogram(
+            "weatherstream_publish_duration_seconds",
+            "Time of one partition file publish: render, fsync, rename, fsync of the folder",
+        );
+        let last_publish = GaugeVec::new(
+            opts(
+                "weatherstream_last_publish_timestamp_seconds",
+                "When the partition file was last published, Unix time",
+            ),
+            labels,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(last_publish.clone()))
+            .expect("registered once");
+        Arc::new(Metrics {
+            registry,
+            next_offset,
+            lag,
+            counted,
+            duplicates,
+            malformed,
+            recreations,
+            batches,
+            commit_seconds,
+            publish_seconds,
+            last_publish,
+        })
+    }
+
+    /// The handles of one partition (its series appear at once, at zero).
+    pub(crate) fn partition(&self, partition: PartitionId) -> PartitionMetrics {
+        let label = partition.to_string();
+        let values = [label.as_str()];
+        PartitionMetrics {
+            next_offset: self.next_offset.with_label_values(&values),
+            lag_family: self.lag.clone(),
+            counted: self.counted.with_label_values(&values),
+            duplicates: self.duplicates.with_label_values(&values),
+            malformed: self.malformed.with_label_values(&values),
+            recreations: self.recreations.with_label_values(&values),
+            batches: self.batches.with_label_values(&values),
+            commit_seconds: self.commit_seconds.with_label_values(&values),
+            publish_seconds: self.publish_seconds.with_label_values(&values),
+            last_publish: self.last_publish.with_label_values(&values),
+            partition: label,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn encode(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into memory fails only on a broken metric, never on I/O.
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            log::error!("cannot encode metrics: {error}");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+/// What one committed batch did.
+pub(crate) struct BatchCounts {
+    pub(crate) counted: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) malformed: u64,
+}
+
+impl PartitionMetrics {
+    pub(crate) fn committed(&self, counts: &BatchCounts, next_offset: Offset, took: Duration) {
+        self.counted.inc_by(counts.counted);
+        self.duplicates.inc_by(counts.duplicates);
+        self.malformed.inc_by(counts.malformed);
+        self.batches.inc();
+        self.commit_seconds.observe(took.as_secs_f64());
+        self.next_offset.set(next_offset);
+    }
+
+    pub(crate) fn reset(&self) {
+        self.recreations.inc();
+        self.next_offset.set(0);
+    }
+
+    pub(crate) fn set_next_offset(&self, next_offset: Offset) {
+        self.next_offset.set(next_offset);
+    }
+
+    pub(crate) fn set_lag(&self, lag: Offset) {
+        self.lag_family
+            .with_label_values(&[self.partition.as_str()])
+            .set(lag);
+    }
+
+    pub(crate) fn published(&self, took: Duration) {
+        self.publish_seconds.observe(took.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_publish.set(now);
+    }
+}
+
+/// How long the server waits for a request before it looks at its stop
+/// flag again.
+const SERVER_POLL: Duration = Duration::from_millis(100);
+
+/// The `/metrics` endpoint: a named thread serving one request at a time
+/// (a scrape is small and rare), stopped and joined on drop.
+pub(crate) struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds `address` at once, so a bad address is an error before any
+    /// partition is touched, and starts serving.
+    pub(crate) fn start(address: &str, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let server = tiny_http::Server::http(address)
+            .map_err(|e| anyhow!("cannot serve metrics on {address}: {e}"))?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| anyhow!("cannot serve metrics on {address}: not an IP address"))?;
+        let server = Arc::new(server);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (server, stop) = (server.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("metrics-http".into())
+                .spawn(move || serve(&server, &stop, &metrics))
+                .context("starting the metrics thread")?
+        };
+        log::info!("metrics at http://{bound}/metrics");
+        Ok(MetricsServer {
+            server,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(server: &tiny_http::Server, stop: &std::sync::atomic::AtomicBool, metrics: &Metrics) {
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let request = match server.recv_timeout(SERVER_POLL) {
+            Ok(Some(request)) => request,
+            Ok(None) => continue,
+            Err(error) => {
+                log::warn!("metrics endpoint: {error}");
+                continue;
+            }
+        };
+        let path = request.url().split('?').next().unwrap_or_default();
+        let response = if request.method() == &tiny_http::Method::Get && path == "/metrics" {
+            let content_type = tiny_http::Header::from_bytes(
+                &b"Content-Type"[..],
+                &b"text/plain; version=0.0.4; charset=utf-8"[..],
+            )
+            .expect("a valid header");
+            tiny_http::Response::from_string(metrics.encode()).with_header(content_type)
+        } else {
+            tiny_http::Response::from_string("not found\n").with_status_code(404)
+        };
+        if let Err(error) = request.respond(response) {
+            log::debug!("metrics endpoint: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_series_follow_the_naming_conventions() {
+        let metrics = Metrics::new();
+        let p = metrics.partition(2);
+        p.committed(
+            &BatchCounts {
+                counted: 5,
+                duplicates: 1,
+                malformed: 2,
+            },
+            8,
+            Duration::from_millis(3),
+        );
+        p.published(Duration::from_millis(1));
+        let text = metrics.encode();
+        for line in [
+            "weatherstream_next_offset{partition=\"2\"} 8",
+            "weatherstream_reports_counted_total{partition=\"2\"} 5",
+            "weatherstream_duplicates_dropped_total{partition=\"2\"} 1",
+            "weatherstream_malformed_skipped_total{partition=\"2\"} 2",
+            "weatherstream_batches_committed_total{partition=\"2\"} 1",
+            "weatherstream_recreations_detected_total{partition=\"2\"} 0",
+            "weatherstream_commit_duration_seconds_count{partition=\"2\"} 1",
+            "weatherstream_publish_duration_seconds_count{partition=\"2\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("weatherstream_lag_records{"),
+            "lag unknown yet"
+        );
+        p.set_lag(7);
+        assert!(metrics
+            .encode()
+            .contains("weatherstream_lag_records{partition=\"2\"} 7"));
+    }
+}
