@@ -7,6 +7,7 @@
 #   docker exec -it p7 plot
 #   docker exec -it p7 consumer export
 #   docker exec -it p7 consumer inspect-state
+#   docker exec -it p7 dashboard --listen 0.0.0.0:8080   (with -p 8080:8080 on run)
 
 # Builder: the same script a developer runs (scripts/build-release.sh). No
 # protoc needed (protox compiles the .proto in Rust); librdkafka 2.12.1 is
@@ -26,11 +27,11 @@ RUN apt-get update \
     | tar -xz -C /opt \
  && ln -s "/opt/kafka_${SCALA_VERSION}-${KAFKA_VERSION}" /opt/kafka \
  && apt-get purge -y curl && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/producer /src/target/release/consumer /src/target/release/debug /src/target/release/plot /src/target/release/demo /usr/local/bin/
+COPY --from=build /src/target/release/producer /src/target/release/consumer /src/target/release/debug /src/target/release/plot /src/target/release/demo /src/target/release/dashboard /usr/local/bin/
 COPY scripts/docker-start-kafka.sh /usr/local/bin/start-kafka
 ENV FILES_DIR=/files \
     KAFKA_BOOTSTRAP_SERVERS=localhost:9092
 WORKDIR /files
 VOLUME /files
-EXPOSE 9092
+EXPOSE 9092 8080
 CMD ["start-kafka"]

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The project's test command: installs the test broker (tansu) if this
-# machine does not have it yet, then checks formatting and lints and runs
-# every test. Integration tests start their own brokers on free loopback
-# ports, or use KAFKA_BOOTSTRAP_SERVERS when it is set.
+# The project's test command: installs the test broker (tansu) and the
+# browser of the dashboard test (Chromium) if this machine does not have
+# them yet, then checks formatting and lints and runs every test.
+# Integration tests start their own brokers on free loopback ports, or use
+# KAFKA_BOOTSTRAP_SERVERS when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TANSU_BIN="$(scripts/install-tansu.sh)"
 export TANSU_BIN
 echo "test broker: $TANSU_BIN ($("$TANSU_BIN" --version))"
+scripts/install-browser.sh
+echo "test browser: $(chromedriver --version)"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::atomic_file;
 use crate::chart::{self, partition_files};
 use crate::consumer::{self, ConsumerConfig};
+use crate::dashboard::DashboardServer;
 use crate::kafka::DEFAULT_TOPIC;
 use crate::producer::{self, ProducerConfig};
 use crate::published::parse_partition_json;
@@ -50,6 +51,9 @@ pub struct DemoConfig {
     pub seed: Option<u64>,
     /// Serve the consumer's metrics here; None: off.
     pub metrics_addr: Option<String>,
+    /// Serve the dashboard here, and keep serving after the demo's days
+    /// until Ctrl-C; None: off.
+    pub dashboard: Option<String>,
 }
 
 /// librdkafka's in-process mock broker, owned by an idle client of ours so
@@ -175,6 +179,14 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         DEFAULT_SEED
     });
 
+    let dashboard = match &config.dashboard {
+        Some(listen) => {
+            let server = DashboardServer::start(&config.files_dir, listen)?;
+            println!("demo: dashboard at http://{}/", server.address());
+            Some(server)
+        }
+        None => None,
+    };
     // Kept alive for the whole run: dropping it stops the embedded broker.
     let mut embedded = None;
     let bootstrap_servers = match &config.bootstrap_servers {
@@ -300,7 +312,15 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     drop(embedded);
     result?;
     consumed?;
-    summarize(&config.files_dir)
+    summarize(&config.files_dir)?;
+    if let Some(server) = dashboard {
+        log::info!(
+            "the dashboard keeps serving at http://{}/ until Ctrl-C",
+            server.address()
+        );
+        while !shutdown.wait(STATUS_INTERVAL) {}
+    }
+    Ok(())
 }
 
 fn record(files_dir: &Path, seed: u64, days: u64) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ pub mod atomic_file;
 pub mod chart;
 pub mod cli;
 pub mod consumer;
+pub mod dashboard;
 pub mod debug;
 pub mod demo;
 pub(crate) mod exporter;

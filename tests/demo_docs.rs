@@ -116,3 +116,27 @@ fn every_binary_the_dockerfile_and_readme_name_is_built() {
     // The image runs the very build script developers use.
     assert!(dockerfile.contains("RUN scripts/build-release.sh"));
 }
+
+#[test]
+fn demo_dashboard_serves_while_running_and_after_until_ctrl_c() {
+    let files = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut cmd = bin("demo");
+    cmd.arg("--files")
+        .arg(files.path())
+        .args(["--days", "200", "--dashboard", &address]);
+    let mut demo = Running::spawn(cmd);
+    wait_until(
+        "the demo's days to be done",
+        std::time::Duration::from_secs(60),
+        || demo.stderr_text().contains("keeps serving"),
+    );
+    assert_eq!(days_in_files(files.path()), 200);
+    assert!(demo.child.try_wait().unwrap().is_none(), "the demo exited");
+    let (status, _, body) = http(&address, "GET", "/api/state", None);
+    assert_eq!(status, 200);
+    let state: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(state["partitions"].as_array().unwrap().len(), 4, "{state}");
+    assert_eq!(http(&address, "GET", "/", None).0, 200);
+    assert!(demo.interrupt().success());
+}

@@ -37,6 +37,10 @@ struct Args {
     /// Serve the consumer's Prometheus metrics at http://HOST:PORT/metrics
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// Serve the live dashboard at http://HOST:PORT/, and keep serving after
+    /// the demo's days until Ctrl-C
+    #[arg(long, value_name = "HOST:PORT")]
+    dashboard: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         fresh: args.fresh,
         seed: args.seed,
         metrics_addr: args.metrics_addr,
+        dashboard: args.dashboard,
     };
     let result = Shutdown::install()
         .map_err(anyhow::Error::from)

@@ -160,6 +160,7 @@ pub fn bin(name: &str) -> Command {
         "debug" => env!("CARGO_BIN_EXE_debug"),
         "plot" => env!("CARGO_BIN_EXE_plot"),
         "demo" => env!("CARGO_BIN_EXE_demo"),
+        "dashboard" => env!("CARGO_BIN_EXE_dashboard"),
         other => panic!("no binary {other}"),
     };
     let mut cmd = Command::new(path);
@@ -565,4 +566,92 @@ impl Drop for Running {
             }
         }
     }
+}
+
+/// One HTTP/1.1 exchange over a fresh connection (`Connection: close`):
+/// status, headers (lower-case names), body. Enough for our servers and
+/// chromedriver; chunked bodies are decoded.
+pub fn http(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, BTreeMap<String, String>, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read the head, then the body by its length: some servers
+    // (chromedriver) keep the connection open despite `Connection: close`.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    let split = loop {
+        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "{method} {path}: connection closed before a response head"
+        );
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let length = String::from_utf8_lossy(&raw[..split])
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        });
+    match length {
+        Some(length) => {
+            while raw.len() < split + 4 + length {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "connection closed inside a response body");
+                raw.extend_from_slice(&buf[..n]);
+            }
+        }
+        None => {
+            stream.read_to_end(&mut raw).unwrap();
+        }
+    }
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut content = raw[split + 4..].to_vec();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t == "chunked")
+    {
+        let mut decoded = Vec::new();
+        let mut rest = &content[..];
+        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16)
+                .unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            decoded.extend_from_slice(&rest[end + 2..end + 2 + size]);
+            rest = &rest[end + 2 + size + 2..];
+        }
+        content = decoded;
+    }
+    (status, headers, content)
 }
