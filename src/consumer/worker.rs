@@ -167,9 +167,13 @@ impl PartitionWorker {
                 }
                 Action::Ask(request) => verifier.ask(request)?,
                 Action::AwaitVerdict => {
-                    // None: the verifier stopped, which only shutdown does.
                     let Some(outcome) = verifier.wait() else {
-                        return Ok(());
+                        // Shutdown ends a verifier; anything else is a bug,
+                        // and waiting again would spin.
+                        if self.shutdown.requested() {
+                            return Ok(());
+                        }
+                        return Err(anyhow!("the verifier thread stopped"));
                     };
                     queue.extend(self.machine.handle(Event::Verdict(outcome?), Instant::now()));
                 }
