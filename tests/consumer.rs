@@ -123,6 +123,11 @@ fn ten_years_end_to_end_match_an_independent_recomputation() {
         svg.contains("January-1999") && svg.contains("March-1999"),
         "the exporter renders the chart"
     );
+    // `consumer verify` agrees: state, files and the log match.
+    let out = broker.verify_cmd(&topic, files.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(stdout.matches(": OK, ").count(), 4, "{stdout}");
 }
 
 #[test]
