@@ -601,3 +601,106 @@ fn periodic_checks_never_reset_a_healthy_partition_on_a_batching_broker() {
     assert!(!stderr.contains("re-created"), "{stderr}");
     assert_files_match(files.path(), &recompute(&records), 4);
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Published offsets of all 4 partitions (None where no file yet).
+fn published_offsets(files: &Path) -> Vec<Option<i64>> {
+    ALL.iter()
+        .map(|p| read_partition_file(files, *p).map(|f| f.offset))
+        .collect()
+}
+
+#[test]
+fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
+    let broker = Broker::start();
+    let topic = unique_topic("restored");
+    let files = tempfile::tempdir().unwrap();
+    let (days, seed) = (4000, 31);
+    let mut producer = start_paced_producer(&broker, &topic, days, seed, "0.001");
+    let state = files.path().join("state");
+    let old_copy = tempfile::tempdir().unwrap();
+
+    let reached = |min: i64| {
+        published_offsets(files.path())
+            .iter()
+            .all(|o| o.is_some_and(|o| o >= min))
+    };
+    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
+    wait_until("a first stretch", Duration::from_secs(60), || reached(50));
+    assert!(consumer.terminate().success());
+    copy_dir(&state, &old_copy.path().join("state"));
+    let old: Vec<i64> = published_offsets(files.path())
+        .into_iter()
+        .flatten()
+        .collect();
+
+    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
+    let ahead = old.iter().max().unwrap() + 200;
+    wait_until("a second stretch", Duration::from_secs(60), || {
+        reached(ahead)
+    });
+    assert!(consumer.terminate().success());
+    let newest = published_offsets(files.path());
+
+    // The old state comes back, behind the published files.
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&old_copy.path().join("state"), &state);
+
+    // Sample the published offsets every 50 ms while the consumer starts
+    // on the old state and goes on to the end.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, files, newest) = (stop.clone(), files.path().to_path_buf(), newest.clone());
+        std::thread::spawn(move || {
+            let mut last = newest;
+            let mut went_back = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let now = published_offsets(&files);
+                for (p, (before, after)) in last.iter().zip(&now).enumerate() {
+                    if after < before {
+                        went_back.push(format!("partition {p}: {before:?} -> {after:?}"));
+                    }
+                }
+                last = now;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            went_back
+        })
+    };
+    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
+    assert!(producer.child.wait().unwrap().success());
+    let records = read_topic(
+        &broker.bootstrap,
+        &topic,
+        4,
+        reports_for(days, seed),
+        Duration::from_secs(60),
+    );
+    wait_for_records(files.path(), &records, Duration::from_secs(60));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let went_back = sampler.join().unwrap();
+    assert!(
+        went_back.is_empty(),
+        "published offsets went back: {went_back:?}"
+    );
+    assert!(consumer.terminate().success());
+    let stderr = consumer.stderr_text();
+    assert_eq!(
+        stderr.matches("adopting the published file").count(),
+        4,
+        "{stderr}"
+    );
+    assert_files_match(files.path(), &recompute(&records), 4);
+}

@@ -36,6 +36,7 @@ use crate::metrics::{Metrics, MetricsServer};
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
 use crate::state::{PartitionState, Snapshot};
+use machine::{CheckOutcome, CheckRequest};
 use worker::PartitionWorker;
 
 /// How often the supervisor looks at its workers and the progress clock.
@@ -221,7 +222,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     .context("starting the exporter thread")?;
     let mut workers = Vec::new();
     for mut state in states {
-        reconcile_at_start(config, &mut state)?;
+        reconcile_at_start(config, &mut state, shutdown)?;
         let snapshot = state.snapshot();
         let progress = Arc::new(Progress::new(&snapshot));
         exporter
@@ -275,10 +276,96 @@ fn wait_for_topic(
     }
 }
 
-/// The assignment's start-up rules, with sled as the source of truth.
-fn reconcile_at_start(config: &ConsumerConfig, state: &mut PartitionState) -> anyhow::Result<()> {
-    if state.is_initialized() {
+/// A published file ahead of its state (an old state folder restored, or a
+/// damaged database that sled recovered to an older point) is a durable,
+/// consistent snapshot of statistics and offset: the state adopts it, so
+/// that the published offset never goes back. A state ahead of its file is
+/// the normal case (a crash between commit and publish) and stays.
+///
+/// Only with proof: a crash between a reset's commit and its publish
+/// leaves a state at offset 0 behind a file of the topic as it was before
+/// re-creation, whose statistics must not come back. So the file is
+/// adopted only when the topic still holds the state's last counted record
+/// (it is the same topic) and the record before the file's offset.
+fn adopt_newer_file(
+    config: &ConsumerConfig,
+    state: &mut PartitionState,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let snapshot = state.snapshot();
+    let partition = snapshot.partition;
+    let path = partition_file(&config.files_dir, partition);
+    let Some(published) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| published::parse_partition_json(&text).ok())
+        .filter(|p| p.partition == partition && p.offset > snapshot.next_offset)
+    else {
         return Ok(());
+    };
+    let (file_offset, state_offset) = (published.offset, snapshot.next_offset);
+    let Some(last_record) = snapshot.last_record else {
+        log::warn!(
+            "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
+             which holds no record to prove the topic is the same; keeping the state",
+            path.display()
+        );
+        return Ok(());
+    };
+    let probe = verify::RecordProbe::new(
+        &config.bootstrap_servers,
+        &config.topic,
+        partition,
+        shutdown,
+    )?;
+    let questions = [
+        CheckRequest {
+            expected: vec![last_record],
+            adopt_offset: last_record.offset,
+            last_record: None,
+        },
+        CheckRequest {
+            expected: Vec::new(),
+            adopt_offset: file_offset - 1,
+            last_record: None,
+        },
+    ];
+    for question in &questions {
+        loop {
+            match verify::check_records(&probe, question, shutdown)? {
+                CheckOutcome::Current { .. } => break,
+                CheckOutcome::Gone { offset } => {
+                    log::warn!(
+                        "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
+                         but the record at offset {offset} is gone or different: keeping the state",
+                        path.display()
+                    );
+                    return Ok(());
+                }
+                CheckOutcome::Undecided => {
+                    if shutdown.wait(TOPIC_WAIT_INTERVAL) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    log::warn!(
+        "partition {partition}: the state (offset {state_offset}) is behind {} (offset {file_offset}): \
+         it was restored or recovered to an older point; adopting the published file",
+        path.display()
+    );
+    state.initialize(file_offset, published.aggregates, snapshot.epoch)?;
+    Ok(())
+}
+
+/// The assignment's start-up rules, with sled as the source of truth.
+fn reconcile_at_start(
+    config: &ConsumerConfig,
+    state: &mut PartitionState,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    if state.is_initialized() {
+        return adopt_newer_file(config, state, shutdown);
     }
     let partition = state.snapshot().partition;
     let path = partition_file(&config.files_dir, partition);

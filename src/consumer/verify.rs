@@ -47,7 +47,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(8);
 const PROBE_QUIET: Duration = Duration::from_secs(2);
 
 /// Reads single records by offset, for verification.
-struct RecordProbe {
+pub(super) struct RecordProbe {
     consumer: BaseConsumer,
     topic: String,
     partition: PartitionId,
@@ -56,7 +56,7 @@ struct RecordProbe {
 }
 
 impl RecordProbe {
-    fn new(
+    pub(super) fn new(
         bootstrap_servers: &str,
         topic: &str,
         partition: PartitionId,
@@ -223,7 +223,7 @@ enum Read {
 
 /// Probes the topic for a request's records; waits while the topic is
 /// absent (deleted, not yet re-created).
-fn check_records(
+pub(super) fn check_records(
     probe: &RecordProbe,
     request: &CheckRequest,
     shutdown: &Shutdown,
