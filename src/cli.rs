@@ -35,7 +35,10 @@ pub fn parse_delay(text: &str) -> Result<f64, String> {
 /// Logs to stderr; `RUST_LOG` overrides. librdkafka's own connection chatter
 /// is off by default: our errors say what matters once.
 pub fn init_logging() {
-    let env = env_logger::Env::default().default_filter_or("info,librdkafka=off,rdkafka=off");
+    // sled logs every failed write of a full disk itself; the workers
+    // report such a fault once (and every 30 s while it lasts).
+    let env =
+        env_logger::Env::default().default_filter_or("info,librdkafka=off,rdkafka=off,sled=off");
     env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .format_target(false)

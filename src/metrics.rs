@@ -38,6 +38,7 @@ pub(crate) struct Metrics {
     commit_seconds: HistogramVec,
     publish_seconds: HistogramVec,
     last_publish: GaugeVec,
+    storage_stalled: IntGaugeVec,
 }
 
 /// One partition's handles: updating them takes no lookup.
@@ -54,6 +55,7 @@ pub(crate) struct PartitionMetrics {
     commit_seconds: Histogram,
     publish_seconds: Histogram,
     last_publish: Gauge,
+    storage_stalled: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -74,6 +76,10 @@ impl Metrics {
         let next_offset = int_gauge(
             "weatherstream_next_offset",
             "Offset of the next record to read, as committed",
+        );
+        let storage_stalled = int_gauge(
+            "weatherstream_storage_stalled",
+            "1 while the partition's commits fail (a full or failing disk), else 0",
         );
         let lag = int_gauge(
             "weatherstream_lag_records",
@@ -148,6 +154,7 @@ impl Metrics {
             commit_seconds,
             publish_seconds,
             last_publish,
+            storage_stalled,
         })
     }
 
@@ -166,6 +173,7 @@ impl Metrics {
             commit_seconds: self.commit_seconds.with_label_values(&values),
             publish_seconds: self.publish_seconds.with_label_values(&values),
             last_publish: self.last_publish.with_label_values(&values),
+            storage_stalled: self.storage_stalled.with_label_values(&values),
             partition: label,
         }
     }
@@ -201,6 +209,10 @@ impl PartitionMetrics {
     pub(crate) fn reset(&self) {
         self.recreations.inc();
         self.next_offset.set(0);
+    }
+
+    pub(crate) fn set_storage_stalled(&self, stalled: bool) {
+        self.storage_stalled.set(i64::from(stalled));
     }
 
     pub(crate) fn set_next_offset(&self, next_offset: Offset) {

@@ -141,6 +141,8 @@ pub enum StateError {
     },
     #[error("state {path:?}: {what}")]
     Corrupt { path: PathBuf, what: String },
+    #[error("state {path:?} is closed (a re-open after an I/O error failed)")]
+    Closed { path: PathBuf },
     #[error("writing {path:?}")]
     Owner {
         path: PathBuf,
@@ -245,7 +247,11 @@ fn now_unix_ms() -> i64 {
 
 /// One partition's open sled database and its committed snapshot.
 pub struct PartitionState {
-    db: sled::Db,
+    /// None only between the two steps of [`PartitionState::reopen`] (or
+    /// after a reopen that failed): sled holds a lock per database, so the
+    /// old handle must be gone before a new one opens.
+    db: Option<sled::Db>,
+    state_dir: PathBuf,
     path: PathBuf,
     initialized: bool,
     snapshot: Arc<Snapshot>,
@@ -317,13 +323,34 @@ impl PartitionState {
             }
         };
         let mut this = PartitionState {
-            db,
+            db: Some(db),
+            state_dir: state_dir.to_path_buf(),
             path,
             initialized: false,
             snapshot: Arc::new(Snapshot::empty(partition)),
         };
         this.load()?;
         Ok(this)
+    }
+
+    fn db(&self) -> Result<&sled::Db, StateError> {
+        self.db.as_ref().ok_or_else(|| StateError::Closed {
+            path: self.path.clone(),
+        })
+    }
+
+    /// Closes and re-opens the database and reloads what is durable. After
+    /// an I/O error (a full disk) sled's handle keeps failing even once
+    /// space is back; a fresh one recovers from what reached the disk,
+    /// which is at least the last committed snapshot (every commit is
+    /// flushed before it counts).
+    pub(crate) fn reopen(&mut self) -> Result<(), StateError> {
+        let partition = self.snapshot.partition;
+        // The lock goes with the last handle: drop ours first.
+        self.db = None;
+        let fresh = Self::open_dir(&self.state_dir, partition)?;
+        *self = fresh;
+        Ok(())
     }
 
     fn sled_error(&self, source: sled::Error) -> StateError {
@@ -341,7 +368,7 @@ impl PartitionState {
     }
 
     fn get_i64(&self, key: &[u8]) -> Result<Option<i64>, StateError> {
-        match self.db.get(key).map_err(|e| self.sled_error(e))? {
+        match self.db()?.get(key).map_err(|e| self.sled_error(e))? {
             None => Ok(None),
             Some(bytes) => {
                 let array: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
@@ -356,7 +383,7 @@ impl PartitionState {
         &self,
         key: &[u8],
     ) -> Result<Option<T>, StateError> {
-        match self.db.get(key).map_err(|e| self.sled_error(e))? {
+        match self.db()?.get(key).map_err(|e| self.sled_error(e))? {
             None => Ok(None),
             Some(bytes) => bincode::deserialize(&bytes)
                 .map(Some)
@@ -370,7 +397,7 @@ impl PartitionState {
             return Ok(());
         };
         let mut aggregates = Aggregates::new();
-        for item in self.db.scan_prefix(STAT_PREFIX) {
+        for item in self.db()?.scan_prefix(STAT_PREFIX) {
             let (key, value) = item.map_err(|e| self.sled_error(e))?;
             let month_year =
                 parse_stat_key(&key).ok_or_else(|| self.corrupt("bad statistics key"))?;
@@ -407,7 +434,7 @@ impl PartitionState {
 
     /// Writes `inserts` and `removes` in one transaction, then flushes.
     fn apply(&self, inserts: &[(Vec<u8>, Vec<u8>)], removes: &[Vec<u8>]) -> Result<(), StateError> {
-        let result: Result<(), TransactionError<()>> = self.db.transaction(|tx| {
+        let result: Result<(), TransactionError<()>> = self.db()?.transaction(|tx| {
             for key in removes {
                 tx.remove(key.as_slice())?;
             }
@@ -421,7 +448,7 @@ impl PartitionState {
             Err(TransactionError::Storage(e)) => return Err(self.sled_error(e)),
             Err(TransactionError::Abort(())) => return Err(self.corrupt("transaction aborted")),
         }
-        self.db.flush().map_err(|e| self.sled_error(e))?;
+        self.db()?.flush().map_err(|e| self.sled_error(e))?;
         Ok(())
     }
 

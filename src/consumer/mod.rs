@@ -22,7 +22,7 @@ mod verify;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -117,6 +117,8 @@ struct Progress {
     malformed: AtomicU64,
     /// High watermark minus next offset; -1 when the broker has not said.
     lag: AtomicI64,
+    /// Commits fail (a full disk): the partition waits for its storage.
+    storage_stalled: AtomicBool,
 }
 
 impl Progress {
@@ -127,6 +129,7 @@ impl Progress {
             duplicates: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
+            storage_stalled: AtomicBool::new(false),
         };
         this.update(snapshot);
         this
@@ -432,8 +435,13 @@ fn supervise(
                 l if l < 0 => "unknown".to_string(),
                 l => l.to_string(),
             };
+            let stalled = if p.storage_stalled.load(Ordering::Relaxed) {
+                ", STALLED: commits fail (storage)"
+            } else {
+                ""
+            };
             log::info!(
-                "partition {}: next offset {next}, {rate:.1} reports/s, {} duplicates dropped, {} malformed skipped, lag {lag}",
+                "partition {}: next offset {next}, {rate:.1} reports/s, {} duplicates dropped, {} malformed skipped, lag {lag}{stalled}",
                 p.partition,
                 p.duplicates.load(Ordering::Relaxed),
                 p.malformed.load(Ordering::Relaxed),

@@ -16,7 +16,9 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 
-use super::machine::{Action, Event, Flow, Limits, PartitionMachine, PollError, Record};
+use super::machine::{
+    Action, Event, Flow, Limits, PartitionMachine, PollError, Record, StorageRetry,
+};
 use super::verify::Verifier;
 use super::{ConsumerConfig, Progress};
 use crate::exporter::Committed;
@@ -24,13 +26,15 @@ use crate::kafka::{assign, cached_high_watermark, reading_config, Offset, Partit
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{BatchCounts, PartitionMetrics};
 use crate::shutdown::Shutdown;
-use crate::state::PartitionState;
+use crate::state::{BatchCommit, PartitionState, Snapshot, StateError};
 
 /// How often a worker refreshes its lag, for the progress lines.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 /// Repeated lines about consumer errors and malformed messages: one per
 /// this, with a count of the rest.
 const NOISY_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// While a commit keeps failing (a full disk), one error line per this.
+const STORAGE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// The workers' consumer group name (joined by no one: manual assignment).
 const WORKER_GROUP: &str = "weatherstream-consumer";
 
@@ -87,6 +91,7 @@ pub(super) struct PartitionWorker {
     client: Option<BaseConsumer>,
     errors: LogLimiter,
     bad_input: LogLimiter,
+    storage_errors: LogLimiter,
 }
 
 impl PartitionWorker {
@@ -115,6 +120,7 @@ impl PartitionWorker {
             client: None,
             errors: LogLimiter::new(NOISY_LOG_INTERVAL),
             bad_input: LogLimiter::new(NOISY_LOG_INTERVAL),
+            storage_errors: LogLimiter::new(STORAGE_ERROR_LOG_INTERVAL),
         }
     }
 
@@ -275,11 +281,16 @@ impl PartitionWorker {
                     malformed: commit.malformed,
                 };
                 let started = Instant::now();
-                let snapshot = self.state.commit(commit)?;
-                self.metrics
-                    .committed(&counts, snapshot.next_offset, started.elapsed());
-                self.progress.update(&snapshot);
-                Some(snapshot)
+                match self.commit_durably(commit)? {
+                    Some(snapshot) => {
+                        self.metrics
+                            .committed(&counts, snapshot.next_offset, started.elapsed());
+                        self.progress.update(&snapshot);
+                        Some(snapshot)
+                    }
+                    // Shutdown during a storage fault: nothing more to do.
+                    None => None,
+                }
             }
             None => None,
         };
@@ -288,6 +299,85 @@ impl PartitionWorker {
             committed,
             high_watermark: cached_high_watermark(client, &self.config.topic, partition),
         })
+    }
+
+    /// Commits a batch, retrying while storage fails (a full disk): the
+    /// last committed state is kept meanwhile, and retrying the identical
+    /// transaction is exactly-once safe (it writes the same statistics and
+    /// offset). One error line, then at most one per
+    /// [`STORAGE_ERROR_LOG_INTERVAL`]; one line when storage works again.
+    /// None: shutdown came first (the batch is read again at the next
+    /// start).
+    fn commit_durably(&mut self, commit: BatchCommit) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        let mut retry = StorageRetry::new();
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let attempt = if failing_since.is_some() {
+                // sled's handle keeps failing after an I/O error: a fresh
+                // one. If the failed transaction did reach the disk, the
+                // batch is committed already.
+                self.state.reopen().and_then(|()| {
+                    let durable = self.state.snapshot();
+                    if durable.next_offset == commit.next_offset {
+                        Ok(durable)
+                    } else {
+                        self.state.commit(commit.clone())
+                    }
+                })
+            } else {
+                self.state.commit(commit.clone())
+            };
+            match attempt {
+                Ok(snapshot) => {
+                    if let Some(since) = failing_since {
+                        log::warn!(
+                            "partition {}: storage works again after {:.1} s; the waiting batch is committed (next offset {})",
+                            self.partition(),
+                            since.elapsed().as_secs_f64(),
+                            snapshot.next_offset
+                        );
+                        self.set_storage_stalled(false);
+                    }
+                    return Ok(Some(snapshot));
+                }
+                Err(
+                    error @ (StateError::Sled { .. }
+                    | StateError::Closed { .. }
+                    | StateError::Owner { .. }),
+                ) => {
+                    let now = Instant::now();
+                    if failing_since.is_none() {
+                        failing_since = Some(now);
+                        self.set_storage_stalled(true);
+                    }
+                    if let Some(suppressed) = self.storage_errors.allow(now) {
+                        log::error!(
+                            "partition {}: cannot commit: {:#}; the last committed state (offset {}) is kept, retrying{}",
+                            self.partition(),
+                            anyhow::Error::from(error),
+                            self.state.snapshot().next_offset,
+                            suppressed_note(suppressed)
+                        );
+                    }
+                    if self.shutdown.wait(retry.after_failure()) {
+                        log::warn!(
+                            "partition {}: stopping with the last committed state (offset {}); the uncommitted batch is read again at the next start",
+                            self.partition(),
+                            self.state.snapshot().next_offset
+                        );
+                        return Ok(None);
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    fn set_storage_stalled(&self, stalled: bool) {
+        self.progress
+            .storage_stalled
+            .store(stalled, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_storage_stalled(stalled);
     }
 
     /// Updates the lag from the watermark of the last fetch response.
