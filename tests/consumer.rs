@@ -615,13 +615,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Published offsets of all 4 partitions (None where no file yet).
-fn published_offsets(files: &Path) -> Vec<Option<i64>> {
-    ALL.iter()
-        .map(|p| read_partition_file(files, *p).map(|f| f.offset))
-        .collect()
-}
-
 #[test]
 fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
     let broker = Broker::start();
@@ -661,24 +654,7 @@ fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
     // Sample the published offsets every 50 ms while the consumer starts
     // on the old state and goes on to the end.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (stop, files, newest) = (stop.clone(), files.path().to_path_buf(), newest.clone());
-        std::thread::spawn(move || {
-            let mut last = newest;
-            let mut went_back = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let now = published_offsets(&files);
-                for (p, (before, after)) in last.iter().zip(&now).enumerate() {
-                    if after < before {
-                        went_back.push(format!("partition {p}: {before:?} -> {after:?}"));
-                    }
-                }
-                last = now;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            went_back
-        })
-    };
+    let sampler = sample_offsets(files.path().to_path_buf(), newest.clone(), stop.clone());
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
     assert!(producer.child.wait().unwrap().success());
     let records = read_topic(

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,32 +64,6 @@ fn fill(path: &Path) {
     while file.write_all(&block).and_then(|_| file.sync_all()).is_ok() {}
 }
 
-fn published_offsets(files: &Path) -> Vec<Option<i64>> {
-    ALL.iter()
-        .map(|p| read_partition_file(files, *p).map(|f| f.offset))
-        .collect()
-}
-
-/// Samples the published offsets every 50 ms until stopped; returns every
-/// time one went back.
-fn sample_offsets(files: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
-        let mut last = published_offsets(&files);
-        let mut went_back = Vec::new();
-        while !stop.load(Ordering::SeqCst) {
-            let now = published_offsets(&files);
-            for (p, (before, after)) in last.iter().zip(&now).enumerate() {
-                if after < before {
-                    went_back.push(format!("partition {p}: {before:?} -> {after:?}"));
-                }
-            }
-            last = now;
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        went_back
-    })
-}
-
 #[test]
 fn a_full_disk_stalls_the_consumer_which_recovers_without_losing_or_double_counting() {
     let tmpfs = match Tmpfs::mount(32) {
@@ -113,7 +87,7 @@ fn a_full_disk_stalls_the_consumer_which_recovers_without_losing_or_double_count
             .all(|o| o.is_some_and(|o| o > 20))
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_offsets(files.clone(), stop.clone());
+    let sampler = sample_offsets(files.clone(), published_offsets(&files), stop.clone());
 
     // Full: commits fail; the consumer says so and keeps running.
     let filler = tmpfs.path().join("filler");

@@ -655,3 +655,34 @@ pub fn http(
     }
     (status, headers, content)
 }
+
+/// Published offsets of partitions 0..4 (None where no file yet).
+pub fn published_offsets(files: &Path) -> Vec<Option<i64>> {
+    (0..4)
+        .map(|p| read_partition_file(files, p).map(|f| f.offset))
+        .collect()
+}
+
+/// Samples the published offsets every 50 ms, from `start`, until `stop`
+/// is set; returns every time one went back.
+pub fn sample_offsets(
+    files: PathBuf,
+    start: Vec<Option<i64>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut last = start;
+        let mut went_back = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let now = published_offsets(&files);
+            for (p, (before, after)) in last.iter().zip(&now).enumerate() {
+                if after < before {
+                    went_back.push(format!("partition {p}: {before:?} -> {after:?}"));
+                }
+            }
+            last = now;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        went_back
+    })
+}
