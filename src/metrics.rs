@@ -58,8 +58,12 @@ pub(crate) struct PartitionMetrics {
     storage_stalled: IntGauge,
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
+/// Registers a metric family and returns it (the registry keeps a clone).
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, family: M) -> M {
+    registry
+        .register(Box::new(family.clone()))
+        .expect("each family is registered once, with a valid name");
+    family
 }
 
 impl Metrics {
@@ -67,11 +71,10 @@ impl Metrics {
         let registry = Registry::new();
         let labels = &["partition"];
         let int_gauge = |name: &str, help: &str| {
-            let family = IntGaugeVec::new(opts(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(family.clone()))
-                .expect("registered once");
-            family
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let next_offset = int_gauge(
             "weatherstream_next_offset",
@@ -86,11 +89,10 @@ impl Metrics {
             "High watermark minus next offset, as the client last heard it (absent while unknown)",
         );
         let counter = |name: &str, help: &str| {
-            let family = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(family.clone()))
-                .expect("registered once");
-            family
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let counted = counter(
             "weatherstream_reports_counted_total",
@@ -113,15 +115,14 @@ impl Metrics {
             "Batches committed (one sled transaction each)",
         );
         let histogram = |name: &str, help: &str| {
-            let family = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
-                labels,
+            register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
+                    labels,
+                )
+                .expect("valid metric"),
             )
-            .expect("valid metric");
-            registry
-                .register(Box::new(family.clone()))
-                .expect("registered once");
-            family
         };
         let commit_seconds = histogram(
             "weatherstream_commit_duration_seconds",
@@ -131,17 +132,17 @@ impl Metrics {
             "weatherstream_publish_duration_seconds",
             "Time of one partition file publish: render, fsync, rename, fsync of the folder",
         );
-        let last_publish = GaugeVec::new(
-            opts(
-                "weatherstream_last_publish_timestamp_seconds",
-                "When the partition file was last published, Unix time",
-            ),
-            labels,
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(last_publish.clone()))
-            .expect("registered once");
+        let last_publish = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "weatherstream_last_publish_timestamp_seconds",
+                    "When the partition file was last published, Unix time",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
         Arc::new(Metrics {
             registry,
             next_offset,

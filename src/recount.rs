@@ -16,7 +16,7 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 
-use crate::aggregate::{Aggregates, BatchFold, MonthStats, MonthYear};
+use crate::aggregate::{Aggregates, BatchFold, MonthYear};
 use crate::kafka::{assign, reading_config, Offset, PartitionId, TopicAdmin};
 use crate::published::{parse_partition_json, partition_file, PublishedPartition};
 use crate::report::{month_name, DateText, Validator};
@@ -384,10 +384,10 @@ pub(crate) fn compare(expected: &Aggregates, found: &Aggregates) -> Vec<Differen
                     push(*key, "sum", e.sum.to_string(), f.sum.to_string());
                 }
                 if e.start != f.start {
-                    push(*key, "start", date(e), date(f));
+                    push(*key, "start", date_text(e.start), date_text(f.start));
                 }
                 if e.end != f.end {
-                    push(*key, "end", end_date(e), end_date(f));
+                    push(*key, "end", date_text(e.end), date_text(f.end));
                 }
             }
             (Some(e), None) => push(
@@ -408,12 +408,8 @@ pub(crate) fn compare(expected: &Aggregates, found: &Aggregates) -> Vec<Differen
     out
 }
 
-fn date(stats: &MonthStats) -> String {
-    DateText::new(stats.start).as_str().to_string()
-}
-
-fn end_date(stats: &MonthStats) -> String {
-    DateText::new(stats.end).as_str().to_string()
+fn date_text(date: chrono::NaiveDate) -> String {
+    DateText::new(date).as_str().to_string()
 }
 
 /// Reads the partition and compares.
@@ -516,6 +512,7 @@ mod tests {
     use chrono::NaiveDate;
 
     use super::*;
+    use crate::aggregate::MonthStats;
 
     fn stats(count: u64, sum: f64, start: u32, end: u32) -> MonthStats {
         let d = |day| NaiveDate::from_ymd_opt(1990, 1, day).unwrap();

@@ -656,15 +656,7 @@ fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_offsets(files.path().to_path_buf(), newest.clone(), stop.clone());
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    assert!(producer.child.wait().unwrap().success());
-    let records = read_topic(
-        &broker.bootstrap,
-        &topic,
-        4,
-        reports_for(days, seed),
-        Duration::from_secs(60),
-    );
-    wait_for_records(files.path(), &records, Duration::from_secs(60));
+    let records = finish_and_read(&broker, &topic, &mut producer, files.path(), days, seed);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let went_back = sampler.join().unwrap();
     assert!(

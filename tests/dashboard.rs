@@ -77,16 +77,12 @@ fn start_dashboard(files: &Path) -> Dashboard {
 
 /// Names, sizes and times of everything in a folder, to show nothing changed.
 fn listing(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
-    walk(dir)
-}
-
-fn walk(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
         let meta = entry.metadata().unwrap();
         if meta.is_dir() {
-            out.extend(walk(&entry.path()));
+            out.extend(listing(&entry.path()));
         } else {
             out.insert(
                 entry.path().display().to_string(),

@@ -102,15 +102,7 @@ fn a_full_disk_stalls_the_consumer_which_recovers_without_losing_or_double_count
 
     // Space returns: everything is counted, once.
     std::fs::remove_file(&filler).unwrap();
-    assert!(producer.child.wait().unwrap().success());
-    let records = read_topic(
-        &broker.bootstrap,
-        &topic,
-        4,
-        reports_for(days, seed),
-        Duration::from_secs(60),
-    );
-    wait_for_records(&files, &records, Duration::from_secs(60));
+    let records = finish_and_read(&broker, &topic, &mut producer, &files, days, seed);
     stop.store(true, Ordering::SeqCst);
     let went_back = sampler.join().unwrap();
     assert!(

@@ -150,11 +150,17 @@ impl PartitionWorker {
                 return Err(anyhow!("reading without a client (a bug)"));
             };
             let end = self.read_batch(&client)?;
-            if last_lag.elapsed() >= LAG_INTERVAL {
-                last_lag = Instant::now();
-                self.refresh_lag(&client);
-            }
             self.client = Some(client);
+            if last_lag.elapsed() >= LAG_INTERVAL {
+                if let Event::BatchEnded {
+                    high_watermark: Some(high),
+                    ..
+                } = end
+                {
+                    last_lag = Instant::now();
+                    self.metrics.set_lag(self.progress.set_lag(high));
+                }
+            }
             let actions = self.machine.handle(end, Instant::now());
             self.execute(actions, &verifier)?;
         }
@@ -378,13 +384,6 @@ impl PartitionWorker {
             .storage_stalled
             .store(stalled, std::sync::atomic::Ordering::Relaxed);
         self.metrics.set_storage_stalled(stalled);
-    }
-
-    /// Updates the lag from the watermark of the last fetch response.
-    fn refresh_lag(&self, client: &BaseConsumer) {
-        if let Some(high) = cached_high_watermark(client, &self.config.topic, self.partition()) {
-            self.metrics.set_lag(self.progress.set_lag(high));
-        }
     }
 
     fn publish(&self, committed: Committed) -> anyhow::Result<()> {

@@ -686,3 +686,25 @@ pub fn sample_offsets(
         went_back
     })
 }
+
+/// Waits for a paced producer of `days` with `seed` to finish, reads the
+/// whole topic back, and waits until the files show its end; returns it.
+pub fn finish_and_read(
+    broker: &Broker,
+    topic: &str,
+    producer: &mut Running,
+    files: &Path,
+    days: u64,
+    seed: u64,
+) -> Vec<Record> {
+    assert!(producer.child.wait().unwrap().success());
+    let records = read_topic(
+        &broker.bootstrap,
+        topic,
+        4,
+        reports_for(days, seed),
+        Duration::from_secs(60),
+    );
+    wait_for_records(files, &records, Duration::from_secs(60));
+    records
+}
