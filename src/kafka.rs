@@ -146,7 +146,7 @@ pub(crate) fn reading_config(
         // (--max-batch, 10,000) is enough, and each reader has its own
         // client.
         .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "4096")
+        .set("queued.max.messages.kbytes", "2048")
         // When the prefetch queue is over those limits librdkafka waits
         // this long before fetching again (default 1 s): a reader empties
         // its queue in milliseconds, so the default idled catch-up 2/3 of

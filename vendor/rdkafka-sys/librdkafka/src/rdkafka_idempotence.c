@@ -412,6 +412,36 @@ static void rd_kafka_idemp_pid_timer_restart(rd_kafka_t *rk,
 
 
 /**
+ * @brief A broker connection came up: if the idempotent producer is waiting
+ *        for one to request a PID, request it now instead of on the next
+ *        500 ms retry of the PID timer.
+ *
+ * Without this a non-transactional producer whose first FSM run found no
+ * broker up (e.g. the bootstrap broker decommissioned in favour of the
+ * learned one, which is still connecting) sends nothing for up to 500 ms.
+ * The transactional producer is re-triggered by its coordinator monitor.
+ *
+ * @locality broker thread
+ * @locks none
+ */
+void rd_kafka_idemp_broker_up(rd_kafka_t *rk) {
+        rd_bool_t waiting;
+
+        if (rd_kafka_is_transactional(rk))
+                return;
+
+        rd_kafka_rdlock(rk);
+        waiting =
+            rk->rk_eos.idemp_state == RD_KAFKA_IDEMP_STATE_WAIT_TRANSPORT;
+        rd_kafka_rdunlock(rk);
+
+        if (waiting)
+                rd_kafka_idemp_pid_timer_restart(rk, rd_true /*immediate*/,
+                                                 "Broker up");
+}
+
+
+/**
  * @brief Handle failure to acquire a PID from broker.
  *
  * @locality rdkafka main thread

@@ -81,6 +81,7 @@ void rd_kafka_idemp_request_pid_failed(rd_kafka_broker_t *rkb,
 void rd_kafka_idemp_pid_update(rd_kafka_broker_t *rkb,
                                const rd_kafka_pid_t pid);
 void rd_kafka_idemp_pid_fsm(rd_kafka_t *rk);
+void rd_kafka_idemp_broker_up(rd_kafka_t *rk);
 void rd_kafka_idemp_drain_reset(rd_kafka_t *rk, const char *reason);
 void rd_kafka_idemp_drain_epoch_bump0(rd_kafka_t *rk,
                                       rd_bool_t allow_txn_abort,
