@@ -1,8 +1,8 @@
 //! `cargo bench`: speed of the pipeline, each figure next to a baseline
 //! measured in the same run on the same broker and machine.
 //!
-//! Sections (all by default; name some to run only those:
-//! `cargo bench -- fold producer catchup freshness`):
+//! Sections (all but soak by default; name some to run only those:
+//! `cargo bench -- fold producer catchup freshness`, `cargo bench -- soak`):
 //! - fold: decode + dedup + fold + sled commit in process, batch sizes 1,
 //!   100 and 10,000, against decode + fold without persistence; the
 //!   exporter's cost per publish against rendering alone.
@@ -16,7 +16,15 @@
 //!   report's send to its appearance in partition-N.json, against the time
 //!   to a raw consumer's receipt of the same reports.
 //!
-//! Sizes: BENCH_REPORTS (default 1,000,000), BENCH_FRESHNESS_SECS (60).
+//! - soak (only when named): the producer at a steady pace and the
+//!   consumer on 4 partitions for a long time, sampled every 30 s: reports
+//!   produced and published, lag, broker and consumer CPU, RSS, state size,
+//!   fetch requests per second; then a verdict on whether anything grows
+//!   or stalls.
+//!
+//! Sizes: BENCH_REPORTS (default 1,000,000), BENCH_FRESHNESS_SECS (60),
+//! BENCH_SOAK_SECS (600), BENCH_SOAK_DELAY (0.01 s per day, ten times the
+//! assignment's pace), BENCH_SOAK_SAMPLE_SECS (30).
 //! The broker: tansu started here (as the tests start it), or
 //! KAFKA_BOOTSTRAP_SERVERS.
 
@@ -79,12 +87,34 @@ fn child_cpu_seconds(pid: u32) -> f64 {
 
 /// Peak resident set of a child process, in MiB.
 fn child_peak_rss_mib(pid: u32) -> f64 {
+    child_status_mib(pid, "VmHWM:")
+}
+
+/// A memory figure of /proc/PID/status (kB there), in MiB.
+fn child_status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Bytes of the files under `dir`, in MiB.
+fn dir_mib(dir: &Path) -> f64 {
+    fn bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+    }
+    bytes(dir) as f64 / (1024.0 * 1024.0)
 }
 
 fn machine() -> String {
@@ -118,6 +148,10 @@ fn main() {
         .collect();
     let want = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
     println!("machine: {}", machine());
+    if sections.iter().any(|s| s == "soak") {
+        bench_soak();
+        return;
+    }
     if want("fold") {
         bench_fold();
     }
@@ -620,4 +654,217 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
         "  p99 ours - p99 raw: {:.1} ms (our batching, sled commit + flush, atomic publish)",
         ours_p99 - raw_p99
     );
+}
+
+/// One row of the soak table.
+struct SoakSample {
+    at_secs: f64,
+    produced: i64,
+    published: i64,
+    offsets: Vec<i64>,
+    lags: Vec<i64>,
+    broker_cpu_per_min: f64,
+    consumer_cpu_per_min: f64,
+    rss_mib: f64,
+    state_mib: f64,
+    fetches_per_sec: f64,
+}
+
+/// The sum of one metric's series in a text exposition.
+fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn bench_soak() {
+    let seconds = env_number("BENCH_SOAK_SECS", 600);
+    let sample_every = Duration::from_secs(env_number("BENCH_SOAK_SAMPLE_SECS", 30));
+    let delay = std::env::var("BENCH_SOAK_DELAY").unwrap_or_else(|_| "0.01".into());
+    // The consumer's wait for tansu (which holds an empty fetch that long).
+    let fetch_wait_ms =
+        std::env::var("BENCH_SOAK_FETCH_WAIT_MS").unwrap_or_else(|_| TANSU_FETCH_WAIT_MS.into());
+    println!(
+        "\n== soak: {seconds} s, producer --delay {delay}, consumer 0 1 2 3, sampled every {} s ==",
+        sample_every.as_secs()
+    );
+    // The in-memory engine, as the tests' tansu and the trial.
+    let broker = Broker::start_with(Storage::Memory);
+    let Some(broker_pid) = broker.pid() else {
+        println!("  skipped: the soak needs a broker it starts (to measure its CPU); unset KAFKA_BOOTSTRAP_SERVERS");
+        return;
+    };
+    println!("broker: tansu 0.6.0, in-memory storage, loopback");
+    let topic = unique_topic("soak");
+    let files = tempfile::tempdir().unwrap();
+    let mut producer = {
+        let mut cmd = bin("producer");
+        cmd.args(["--bootstrap-servers", &broker.bootstrap, "--topic", &topic])
+            .args(["--delay", &delay]);
+        let producer = Running::spawn(cmd);
+        wait_until("the topic", Duration::from_secs(60), || {
+            producer.stderr_text().contains("created topic")
+        });
+        producer
+    };
+    let mut consumer = {
+        let mut cmd = bin("consumer");
+        cmd.args(["--bootstrap-servers", &broker.bootstrap, "--topic", &topic])
+            .args(["--fetch-wait-ms", &fetch_wait_ms]);
+        cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])
+            .arg(files.path())
+            .args(["0", "1", "2", "3"]);
+        Running::spawn(cmd)
+    };
+    let address = consumer.listening_address();
+    let consumer_pid = consumer.child.id();
+    let watermarks: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let started = Instant::now();
+    let mut last = (
+        Instant::now(),
+        child_cpu_seconds(broker_pid),
+        child_cpu_seconds(consumer_pid),
+        0.0,
+    );
+    let mut samples: Vec<SoakSample> = Vec::new();
+    println!(
+        "  {:>6} {:>9} {:>9} {:>22} {:>11} {:>11} {:>8} {:>8} {:>9}",
+        "time s",
+        "produced",
+        "published",
+        "lag per partition",
+        "broker s/min",
+        "consumer s/min",
+        "RSS MiB",
+        "state MiB",
+        "fetches/s"
+    );
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(sample_every);
+        let now = Instant::now();
+        let highs: Vec<i64> = (0..4)
+            .map(|p| {
+                watermarks
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .map_or(0, |(_, high)| high)
+            })
+            .collect();
+        let offsets: Vec<i64> = published_offsets(files.path())
+            .iter()
+            .map(|o| o.unwrap_or(0))
+            .collect();
+        let body = String::from_utf8_lossy(&http(&address, "GET", "/metrics", None).2).into_owned();
+        let fetches = metric_sum(&body, "weatherstream_fetch_requests_total");
+        let (broker_cpu, consumer_cpu) = (
+            child_cpu_seconds(broker_pid),
+            child_cpu_seconds(consumer_pid),
+        );
+        let minutes = now.duration_since(last.0).as_secs_f64() / 60.0;
+        let sample = SoakSample {
+            at_secs: started.elapsed().as_secs_f64(),
+            produced: highs.iter().sum(),
+            published: offsets.iter().sum(),
+            lags: highs
+                .iter()
+                .zip(&offsets)
+                .map(|(h, o)| (h - o).max(0))
+                .collect(),
+            offsets,
+            broker_cpu_per_min: (broker_cpu - last.1) / minutes,
+            consumer_cpu_per_min: (consumer_cpu - last.2) / minutes,
+            rss_mib: child_status_mib(consumer_pid, "VmRSS:"),
+            state_mib: dir_mib(&files.path().join("state")),
+            fetches_per_sec: (fetches - last.3) / (minutes * 60.0),
+        };
+        last = (now, broker_cpu, consumer_cpu, fetches);
+        println!(
+            "  {:>6.0} {:>9} {:>9} {:>22} {:>11.2} {:>11.2} {:>8.1} {:>8.1} {:>9.0}",
+            sample.at_secs,
+            sample.produced,
+            sample.published,
+            format!("{:?}", sample.lags),
+            sample.broker_cpu_per_min,
+            sample.consumer_cpu_per_min,
+            sample.rss_mib,
+            sample.state_mib,
+            sample.fetches_per_sec
+        );
+        samples.push(sample);
+    }
+    producer.terminate();
+    let consumer_log = consumer.stderr_text();
+    assert!(consumer.terminate().success(), "{consumer_log}");
+    soak_verdict(&samples, &consumer_log);
+}
+
+/// Prints each rule of the soak's verdict, PASS or FAIL, and the whole.
+fn soak_verdict(samples: &[SoakSample], consumer_log: &str) {
+    println!("  verdict:");
+    if samples.len() < 3 {
+        println!("    too few samples for a verdict (run longer)");
+        return;
+    }
+    let third = samples.len() / 3;
+    let (first, last) = (&samples[..third], &samples[samples.len() - third..]);
+    let mean = |part: &[SoakSample], f: &dyn Fn(&SoakSample) -> f64| {
+        part.iter().map(f).sum::<f64>() / part.len() as f64
+    };
+    let max = |part: &[SoakSample], f: &dyn Fn(&SoakSample) -> f64| {
+        part.iter().map(f).fold(0.0, f64::max)
+    };
+    let mut all_pass = true;
+    let mut rule = |pass: bool, text: String| {
+        all_pass &= pass;
+        println!("    {} {text}", if pass { "PASS" } else { "FAIL" });
+    };
+    // Behind at two samples in a row without moving: stalled a whole
+    // sample interval.
+    let stalled: Vec<String> = samples
+        .windows(2)
+        .flat_map(|pair| {
+            (0..4).filter_map(move |p| {
+                let behind = pair[0].lags[p] > 0 && pair[1].lags[p] > 0;
+                (behind && pair[0].offsets[p] == pair[1].offsets[p])
+                    .then(|| format!("partition {p} at {:.0} s", pair[1].at_secs))
+            })
+        })
+        .collect();
+    rule(
+        stalled.is_empty() && !consumer_log.contains("STALLED"),
+        format!("no partition behind without progress for a sample interval or more (stalls: {stalled:?})"),
+    );
+    let lag = |s: &SoakSample| s.lags.iter().copied().max().unwrap_or(0) as f64;
+    // One second of reports at the soak's pace is no backlog.
+    let lag_floor = 100.0;
+    rule(
+        max(last, &lag) <= (1.5 * max(first, &lag)).max(lag_floor),
+        format!(
+            "lag bounded: largest {:.0} in the last third, {:.0} in the first",
+            max(last, &lag),
+            max(first, &lag)
+        ),
+    );
+    let mut grows = |name: &str, unit: &str, f: &dyn Fn(&SoakSample) -> f64, floor: f64| {
+        let (a, b) = (mean(first, f), mean(last, f));
+        rule(
+            b <= (1.5 * a).max(a + floor),
+            format!(
+                "{name}: {a:.2} {unit} in the first third, {b:.2} in the last (at most 1.5x, or +{floor} {unit})"
+            ),
+        );
+    };
+    grows("broker CPU", "s/min", &|s| s.broker_cpu_per_min, 0.3);
+    grows("consumer CPU", "s/min", &|s| s.consumer_cpu_per_min, 0.3);
+    grows("consumer RSS", "MiB", &|s| s.rss_mib, 2.0);
+    grows("state size", "MiB", &|s| s.state_mib, 2.0);
+    println!(
+        "    fetch requests: {:.0}/s in the first third, {:.0}/s in the last",
+        mean(first, &|s| s.fetches_per_sec),
+        mean(last, &|s| s.fetches_per_sec)
+    );
+    println!("  => {}", if all_pass { "STEADY" } else { "NOT STEADY" });
 }

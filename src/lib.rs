@@ -10,6 +10,7 @@
 
 pub mod aggregate;
 pub mod atomic_file;
+mod broker_link;
 pub mod chart;
 pub mod cli;
 pub mod consumer;

@@ -39,6 +39,8 @@ pub(crate) struct Metrics {
     publish_seconds: HistogramVec,
     last_publish: GaugeVec,
     storage_stalled: IntGaugeVec,
+    progress_stalled: IntGaugeVec,
+    fetch_requests: IntCounterVec,
 }
 
 /// One partition's handles: updating them takes no lookup.
@@ -56,6 +58,8 @@ pub(crate) struct PartitionMetrics {
     publish_seconds: Histogram,
     last_publish: Gauge,
     storage_stalled: IntGauge,
+    progress_stalled: IntGauge,
+    fetch_requests: IntCounter,
 }
 
 /// Registers a metric family and returns it (the registry keeps a clone).
@@ -84,6 +88,10 @@ impl Metrics {
             "weatherstream_storage_stalled",
             "1 while the partition's commits fail (a full or failing disk), else 0",
         );
+        let progress_stalled = int_gauge(
+            "weatherstream_progress_stalled",
+            "1 while the partition is behind its log and has read nothing for 30 s, else 0",
+        );
         let lag = int_gauge(
             "weatherstream_lag_records",
             "High watermark minus next offset, as the client last heard it (absent while unknown)",
@@ -109,6 +117,10 @@ impl Metrics {
         let recreations = counter(
             "weatherstream_recreations_detected_total",
             "Topic re-creations detected (statistics reset to offset 0)",
+        );
+        let fetch_requests = counter(
+            "weatherstream_fetch_requests_total",
+            "Fetch requests the partition's client sent (librdkafka statistics, every second)",
         );
         let batches = counter(
             "weatherstream_batches_committed_total",
@@ -156,6 +168,8 @@ impl Metrics {
             publish_seconds,
             last_publish,
             storage_stalled,
+            progress_stalled,
+            fetch_requests,
         })
     }
 
@@ -175,6 +189,8 @@ impl Metrics {
             publish_seconds: self.publish_seconds.with_label_values(&values),
             last_publish: self.last_publish.with_label_values(&values),
             storage_stalled: self.storage_stalled.with_label_values(&values),
+            progress_stalled: self.progress_stalled.with_label_values(&values),
+            fetch_requests: self.fetch_requests.with_label_values(&values),
             partition: label,
         }
     }
@@ -214,6 +230,14 @@ impl PartitionMetrics {
 
     pub(crate) fn set_storage_stalled(&self, stalled: bool) {
         self.storage_stalled.set(i64::from(stalled));
+    }
+
+    pub(crate) fn set_progress_stalled(&self, stalled: bool) {
+        self.progress_stalled.set(i64::from(stalled));
+    }
+
+    pub(crate) fn add_fetch_requests(&self, requests: u64) {
+        self.fetch_requests.inc_by(requests);
     }
 
     pub(crate) fn set_next_offset(&self, next_offset: Offset) {

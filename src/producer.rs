@@ -8,7 +8,7 @@
 //! sending loop owns and ends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,10 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
+use crate::broker_link::BrokerLink;
 use crate::generator::{Observation, WeatherGenerator};
 use crate::kafka::{client_config, TopicAdmin};
+use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::report;
 use crate::shutdown::Shutdown;
 
@@ -66,9 +68,36 @@ pub(crate) struct DeliveryCounters {
 
 struct DeliveryReporter {
     counters: Arc<DeliveryCounters>,
+    /// A broker outage: one warning when it begins, one when a delivery
+    /// shows it over, while librdkafka holds the reports and retries.
+    link: BrokerLink,
+    errors: Mutex<LogLimiter>,
 }
 
-impl ClientContext for DeliveryReporter {}
+/// Other client errors (librdkafka's error callback): one line per this.
+const CLIENT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+impl ClientContext for DeliveryReporter {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.link.down(&error),
+            // librdkafka reconnects by itself; if every broker is gone,
+            // AllBrokersDown follows.
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                log::debug!("kafka: {error}: {reason}");
+            }
+            _ => {
+                let allowed = self
+                    .errors
+                    .lock()
+                    .map_or(Some(0), |mut limiter| limiter.allow(Instant::now()));
+                if let Some(suppressed) = allowed {
+                    log::warn!("kafka: {error}: {reason}{}", suppressed_note(suppressed));
+                }
+            }
+        }
+    }
+}
 
 impl ProducerContext for DeliveryReporter {
     // No per-message opaque: a failed report's date is read back from its
@@ -78,6 +107,7 @@ impl ProducerContext for DeliveryReporter {
     fn delivery(&self, result: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {
         match result {
             Ok(_) => {
+                self.link.up();
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Err((error, message)) => {
@@ -132,6 +162,10 @@ impl ReportSender {
         let producer = production_settings(&mut client_config(bootstrap_servers), delay)
             .create_with_context(DeliveryReporter {
                 counters: counters.clone(),
+                link: BrokerLink::new(
+                    "reports wait in librdkafka's queue, retried until message.timeout.ms (5 min)",
+                ),
+                errors: Mutex::new(LogLimiter::new(CLIENT_ERROR_LOG_INTERVAL)),
             })
             .context("creating the Kafka producer")?;
         Ok(ReportSender {

@@ -657,12 +657,7 @@ fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
     let sampler = sample_offsets(files.path().to_path_buf(), newest.clone(), stop.clone());
     let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
     let records = finish_and_read(&broker, &topic, &mut producer, files.path(), days, seed);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let went_back = sampler.join().unwrap();
-    assert!(
-        went_back.is_empty(),
-        "published offsets went back: {went_back:?}"
-    );
+    assert_never_went_back(&stop, sampler);
     assert!(consumer.terminate().success());
     let stderr = consumer.stderr_text();
     assert_eq!(
@@ -670,5 +665,50 @@ fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
         4,
         "{stderr}"
     );
+    assert_files_match(files.path(), &recompute(&records), 4);
+}
+
+/// Overwrites 4 KiB in the middle of a stopped partition's sled log, as a
+/// failing disk might: sled then recovers an older prefix of its log.
+fn damage_sled_log(state: &Path, partition: i32) {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = state.join(format!("partition-{partition}")).join("db");
+    let len = std::fs::metadata(&path).unwrap().len();
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(len / 2)).unwrap();
+    file.write_all(&[0xAB; 4096]).unwrap();
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn a_damaged_state_never_takes_the_published_offset_back() {
+    let broker = Broker::start();
+    let topic = unique_topic("damaged");
+    let files = tempfile::tempdir().unwrap();
+    let (days, seed) = (4000, 37);
+    let mut producer = start_paced_producer(&broker, &topic, days, seed, "0.001");
+    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
+    wait_until("a first stretch", Duration::from_secs(60), || {
+        published_offsets(files.path())
+            .iter()
+            .all(|o| o.is_some_and(|o| o >= 300))
+    });
+    assert!(consumer.terminate().success());
+    let newest = published_offsets(files.path());
+    for partition in ALL {
+        damage_sled_log(&files.path().join("state"), partition);
+    }
+
+    // Sample the published offsets every 50 ms while the consumer starts
+    // on the damaged state and goes on to the end.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_offsets(files.path().to_path_buf(), newest, stop.clone());
+    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
+    let records = finish_and_read(&broker, &topic, &mut producer, files.path(), days, seed);
+    assert_never_went_back(&stop, sampler);
+    assert!(consumer.terminate().success());
+    let stderr = consumer.stderr_text();
+    // sled recovered older states: the damage reached the worker.
+    assert!(stderr.contains("adopting the published file"), "{stderr}");
     assert_files_match(files.path(), &recompute(&records), 4);
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chrono::NaiveDate;
@@ -62,13 +62,12 @@ struct Dashboard {
 }
 
 fn start_dashboard(files: &Path) -> Dashboard {
-    let address = format!("127.0.0.1:{}", free_port());
     let mut cmd = bin("dashboard");
-    cmd.arg("--files").arg(files).args(["--listen", &address]);
+    cmd.arg("--files")
+        .arg(files)
+        .args(["--listen", "127.0.0.1:0"]);
     let running = Running::spawn(cmd);
-    wait_until("the dashboard to listen", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(&address).is_ok()
-    });
+    let address = running.listening_address();
     Dashboard {
         _process: running,
         address,
@@ -203,11 +202,10 @@ impl Browser {
                 "no chromedriver: install Debian's chromium and chromium-driver \
                  (scripts/test.sh does, as root with apt)",
             );
-        let port = free_port();
         let mut cmd = Command::new(driver_bin);
-        cmd.arg(format!("--port={port}")).stdout(Stdio::null());
+        cmd.arg("--port=0");
         let driver = Running::spawn(cmd);
-        let address = format!("127.0.0.1:{port}");
+        let address = driver.listening_address();
         wait_until("chromedriver to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(&address).is_ok()
         });

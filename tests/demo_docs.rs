@@ -120,12 +120,12 @@ fn every_binary_the_dockerfile_and_readme_name_is_built() {
 #[test]
 fn demo_dashboard_serves_while_running_and_after_until_ctrl_c() {
     let files = tempfile::tempdir().unwrap();
-    let address = format!("127.0.0.1:{}", free_port());
     let mut cmd = bin("demo");
     cmd.arg("--files")
         .arg(files.path())
-        .args(["--days", "200", "--dashboard", &address]);
+        .args(["--days", "200", "--dashboard", "127.0.0.1:0"]);
     let mut demo = Running::spawn(cmd);
+    let address = demo.listening_address();
     wait_until(
         "the demo's days to be done",
         std::time::Duration::from_secs(60),

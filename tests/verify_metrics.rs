@@ -196,12 +196,12 @@ fn metrics_are_scraped_during_a_run_and_match_what_was_produced() {
     let topic = unique_topic("metrics");
     let files = tempfile::tempdir().unwrap();
     let records = produce_and_read(&broker, &topic, 500, 25);
-    let address = format!("127.0.0.1:{}", free_port());
     let mut cmd = broker.consumer_cmd(&topic);
-    cmd.args(["--quiet", "--metrics-addr", &address, "--files"])
+    cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])
         .arg(files.path())
         .args(["0", "1", "2", "3"]);
     let mut consumer = Running::spawn(cmd);
+    let address = consumer.listening_address();
     wait_for_records(files.path(), &records, Duration::from_secs(60));
     let ends = end_offsets(&records);
     let expected = recompute(&records);

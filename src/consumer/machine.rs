@@ -35,6 +35,15 @@ use crate::state::{BatchCommit, Fingerprint, Snapshot};
 /// the log. The verifier's record probe climbs the same ladder.
 pub(crate) const READ_BACK_STEPS: [Offset; 4] = [1_000, 10_000, 100_000, Offset::MAX];
 
+/// At most this many re-reads per partition per [`REREAD_WINDOW`] (two
+/// climbs of the ladder): a broker that skips or stays silent again and
+/// again, as an overloaded one does, is not given ever more to read.
+const REREAD_BUDGET: u32 = 8;
+const REREAD_WINDOW: Duration = Duration::from_secs(60);
+/// Longest pause before a skip is looked at again while the re-read budget
+/// is spent: reading past the gap meanwhile would only be skipped again.
+const REREAD_DEFER_PAUSE: Duration = Duration::from_secs(5);
+
 /// How long nothing may arrive, while the broker's high watermark says the
 /// log goes on, before the worker reads again from earlier offsets. Long
 /// enough that a slow fetch is not mistaken for silence.
@@ -147,12 +156,16 @@ pub(crate) enum PollError {
 pub(crate) enum Event {
     /// The worker's loop comes round (between batches).
     Tick,
-    /// A batch ended; `committed` is what its commit made of the state, and
-    /// `high_watermark` the end of the log as the client last heard it.
+    /// A batch ended; `committed` is what its commit made of the state,
+    /// `high_watermark` the end of the log as the client last heard it, and
+    /// `broker_responses` how many responses the current client has
+    /// received from brokers so far (from its statistics; 0 until the
+    /// first).
     BatchEnded {
         end: BatchEnd,
         committed: Option<Arc<Snapshot>>,
         high_watermark: Option<Offset>,
+        broker_responses: u64,
     },
     /// The verifier answered.
     Verdict(CheckOutcome),
@@ -188,6 +201,20 @@ pub(crate) enum Action {
     GapAccepted {
         from: Offset,
     },
+    /// The broker did not serve `wanted` (it skipped past it, or stayed
+    /// silent while the log goes on): say so and read from `from`, earlier,
+    /// with a fresh client, as `ReadFrom` does.
+    ReadBack {
+        wanted: Offset,
+        from: Offset,
+    },
+    /// A re-read for `wanted` is due but the budget of the last
+    /// [`REREAD_WINDOW`] is spent: say so (rate-limited) and pause `wait`
+    /// (zero when reading on is harmless).
+    ReadBackDeferred {
+        wanted: Offset,
+        wait: Duration,
+    },
 }
 
 /// Reading is either going on or held until a check settles.
@@ -219,31 +246,68 @@ struct Progressed {
 /// with the next batch (a skip past the offset), or with nothing at all when
 /// no later batch exists yet (silence, see [`PartitionMachine`]'s stall
 /// rule). Silence is never taken as a gap: the ladder is climbed, and then
-/// the offset is waited for.
+/// the offset is waited for. At most [`REREAD_BUDGET`] re-reads a minute:
+/// past that a re-read waits (an overloaded broker skips and stalls more,
+/// and reading more from it would only deepen that).
 #[derive(Debug, Default)]
 struct Rereads {
     /// The offset being re-read for, and the ladder step last taken.
     current: Option<(Offset, usize)>,
     /// A gap confirmed from the start of the log: records after it count.
     accepted_gap: Option<Offset>,
+    /// The current budget window: when it began, re-reads taken in it.
+    window: Option<(Instant, u32)>,
+}
+
+/// Why a re-read is wanted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unserved {
+    /// The broker served a later offset: reading on would skip again.
+    Skipped,
+    /// The broker served nothing while the log goes on.
+    Silent,
 }
 
 impl Rereads {
     /// The next step for `gap`: read from further back, or, past the last
-    /// step, accept the gap.
-    fn step_back(&mut self, gap: Offset) -> Vec<Action> {
+    /// step, accept the gap; or, with the budget spent, wait.
+    fn step_back(&mut self, gap: Offset, why: Unserved, now: Instant) -> Vec<Action> {
         let step = match self.current {
             Some((at, step)) if at == gap => step + 1,
             _ => 0,
         };
-        match READ_BACK_STEPS.get(step) {
-            Some(back) => {
-                self.current = Some((gap, step));
-                vec![Action::ReadFrom(gap.saturating_sub(*back).max(0))]
+        let Some(back) = READ_BACK_STEPS.get(step) else {
+            self.accepted_gap = Some(gap);
+            return vec![Action::GapAccepted { from: gap }, Action::ReadFrom(gap)];
+        };
+        if let Some(window_left) = self.spend(now) {
+            let wait = match why {
+                Unserved::Skipped => window_left.min(REREAD_DEFER_PAUSE),
+                Unserved::Silent => Duration::ZERO,
+            };
+            return vec![Action::ReadBackDeferred { wanted: gap, wait }];
+        }
+        self.current = Some((gap, step));
+        vec![Action::ReadBack {
+            wanted: gap,
+            from: gap.saturating_sub(*back).max(0),
+        }]
+    }
+
+    /// Takes one re-read from the budget: None when granted, else how long
+    /// the spent window still runs.
+    fn spend(&mut self, now: Instant) -> Option<Duration> {
+        match &mut self.window {
+            Some((began, used)) if now.saturating_duration_since(*began) < REREAD_WINDOW => {
+                if *used >= REREAD_BUDGET {
+                    return Some(REREAD_WINDOW - now.saturating_duration_since(*began));
+                }
+                *used += 1;
+                None
             }
-            None => {
-                self.accepted_gap = Some(gap);
-                vec![Action::GapAccepted { from: gap }, Action::ReadFrom(gap)]
+            window => {
+                *window = Some((now, 1));
+                None
             }
         }
     }
@@ -268,6 +332,9 @@ pub(crate) struct PartitionMachine {
     /// by the usual rules instead of raising the question again.
     cleared_through: Option<Offset>,
     progressed: Progressed,
+    /// The client's broker responses when a silence was first noticed:
+    /// a re-read is for a broker that answers without the offset.
+    silence_answers: Option<u64>,
     rereads: Rereads,
     /// Reused protobuf buffer: no allocation per record.
     validator: Validator,
@@ -291,6 +358,7 @@ impl PartitionMachine {
             routine_asked: false,
             last_check: now,
             cleared_through: None,
+            silence_answers: None,
             rereads: Rereads::default(),
             validator: Validator::default(),
         }
@@ -333,7 +401,8 @@ impl PartitionMachine {
                 end,
                 committed,
                 high_watermark,
-            } => self.on_batch_end(end, committed, high_watermark, now),
+                broker_responses,
+            } => self.on_batch_end(end, committed, high_watermark, broker_responses, now),
         }
     }
 
@@ -448,6 +517,7 @@ impl PartitionMachine {
         end: BatchEnd,
         committed: Option<Arc<Snapshot>>,
         high_watermark: Option<Offset>,
+        broker_responses: u64,
         now: Instant,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -464,6 +534,7 @@ impl PartitionMachine {
                 offset: next_offset,
                 since: now,
             };
+            self.silence_answers = None;
         }
         match end {
             BatchEnd::Suspect(suspicion) => {
@@ -472,16 +543,25 @@ impl PartitionMachine {
                     asked: false,
                 };
             }
-            BatchEnd::Skipped { expected } => actions.extend(self.rereads.step_back(expected)),
+            BatchEnd::Skipped { expected } => {
+                actions.extend(self.rereads.step_back(expected, Unserved::Skipped, now))
+            }
             BatchEnd::PollFailed { read_nothing } => {
                 if read_nothing {
                     actions.push(Action::Pause(POLL_ERROR_BACKOFF));
                 }
-                actions.extend(self.on_silence(high_watermark, now));
+                actions.extend(self.on_silence(high_watermark, broker_responses, now));
             }
             BatchEnd::Full | BatchEnd::Drained => {
-                actions.extend(self.on_silence(high_watermark, now))
+                actions.extend(self.on_silence(high_watermark, broker_responses, now))
             }
+        }
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::ReadFrom(_) | Action::ReadBack { .. }))
+        {
+            // A fresh client counts its responses from zero.
+            self.silence_answers = None;
         }
         actions
     }
@@ -489,9 +569,17 @@ impl PartitionMachine {
     /// Exists for tansu 0.6's in-memory engine, which answers nothing for
     /// an offset inside a record batch when no later batch exists: when
     /// nothing has arrived for [`FETCH_STALL`] although the high watermark
-    /// says the log goes on, read from earlier, like after a skip, but never
-    /// give up on the offset for it.
-    fn on_silence(&mut self, high_watermark: Option<Offset>, now: Instant) -> Vec<Action> {
+    /// says the log goes on, and the broker did answer meanwhile, read from
+    /// earlier, like after a skip, but never give up on the offset for it.
+    /// A broker that answers nothing at all (slow, overloaded: Apache
+    /// Kafka's way of being silent) is waited for: a re-read would only add
+    /// a connection and a fetch to its load.
+    fn on_silence(
+        &mut self,
+        high_watermark: Option<Offset>,
+        broker_responses: u64,
+        now: Instant,
+    ) -> Vec<Action> {
         let next_offset = self.committed.next_offset;
         let silent = now.saturating_duration_since(self.progressed.since) >= FETCH_STALL;
         let log_goes_on = high_watermark.is_some_and(|high| high > next_offset);
@@ -499,10 +587,17 @@ impl PartitionMachine {
             return Vec::new();
         }
         self.progressed.since = now;
+        let answered = self
+            .silence_answers
+            .replace(broker_responses)
+            .is_some_and(|before| broker_responses > before);
+        if !answered {
+            return Vec::new();
+        }
         if self.rereads.exhausted(next_offset) {
             return Vec::new();
         }
-        self.rereads.step_back(next_offset)
+        self.rereads.step_back(next_offset, Unserved::Silent, now)
     }
 }
 
@@ -753,6 +848,8 @@ mod tests {
         state: PartitionState,
         machine: PartitionMachine,
         now: Instant,
+        broker_responses: u64,
+        broker_mute: bool,
     }
 
     impl Harness {
@@ -773,6 +870,8 @@ mod tests {
                 state,
                 machine,
                 now,
+                broker_responses: 0,
+                broker_mute: false,
             };
             harness.pass_start_up();
             harness
@@ -863,10 +962,15 @@ mod tests {
             }
             let (commit, end) = batch.finish();
             let committed = commit.map(|c| self.state.commit(c).unwrap());
+            // A broker that answers every fetch, unless a test says not.
+            if !self.broker_mute {
+                self.broker_responses += 1;
+            }
             let event = Event::BatchEnded {
                 end: end.clone(),
                 committed,
                 high_watermark,
+                broker_responses: self.broker_responses,
             };
             let actions = self.machine.handle(event, self.now);
             self.apply_state_actions(&actions);
@@ -1044,7 +1148,7 @@ mod tests {
         // Asked for offset 3, the broker starts at 5 (its next batch).
         let (actions, end) = harness.read(reports(5, 7), Some(7));
         assert_eq!(end, BatchEnd::Skipped { expected: 3 });
-        assert_eq!(actions, [Action::ReadFrom(0)]);
+        assert_eq!(actions, [Action::ReadBack { wanted: 3, from: 0 }]);
         assert_eq!(harness.snapshot().next_offset, 3, "nothing was counted");
         // Read from 0: what was counted is skipped, the rest is counted once.
         let (actions, end) = harness.read(reports(0, 7), Some(7));
@@ -1062,7 +1166,11 @@ mod tests {
         for _ in 0..READ_BACK_STEPS.len() {
             let (actions, end) = harness.read(vec![report(250_005, 1, 1.0)], None);
             assert_eq!(end, BatchEnd::Skipped { expected: 250_000 });
-            let [Action::ReadFrom(from)] = actions[..] else {
+            let [Action::ReadBack {
+                wanted: 250_000,
+                from,
+            }] = actions[..]
+            else {
                 panic!("{actions:?}")
             };
             froms.push(from);
@@ -1096,9 +1204,17 @@ mod tests {
         assert_eq!(harness.read(Vec::new(), Some(250_000)).0, []);
         let mut froms = Vec::new();
         for _ in 0..READ_BACK_STEPS.len() {
+            // The first silent stretch of a client only notes how many
+            // answers it has had; the next, with more, re-reads.
+            harness.later(FETCH_STALL);
+            assert_eq!(harness.read(Vec::new(), high).0, []);
             harness.later(FETCH_STALL);
             let actions = harness.read(Vec::new(), high).0;
-            let [Action::ReadFrom(from)] = actions[..] else {
+            let [Action::ReadBack {
+                wanted: 250_000,
+                from,
+            }] = actions[..]
+            else {
                 panic!("{actions:?}")
             };
             froms.push(from);
@@ -1112,6 +1228,81 @@ mod tests {
         let (_, end) = harness.read(vec![report(250_000, 1, 1.0)], high);
         assert_eq!(end, BatchEnd::Drained);
         assert_eq!(harness.snapshot().next_offset, 250_001);
+    }
+
+    #[test]
+    fn a_broker_that_answers_nothing_is_waited_for_and_never_read_from_again() {
+        let mut harness = Harness::at(250_000);
+        let high = Some(250_010);
+        // A slow or overloaded broker: no answer at all, for a long time.
+        harness.broker_mute = true;
+        for _ in 0..60 {
+            harness.later(FETCH_STALL);
+            assert_eq!(harness.read(Vec::new(), high).0, [], "no re-read");
+        }
+        // It answers again (without the offset): now the ladder applies.
+        harness.broker_mute = false;
+        harness.later(FETCH_STALL);
+        let actions = harness.read(Vec::new(), high).0;
+        assert!(
+            matches!(
+                actions[..],
+                [Action::ReadBack {
+                    wanted: 250_000,
+                    ..
+                }]
+            ),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn rereads_are_bounded_per_minute_and_deferred_not_dropped() {
+        let mut harness = Harness::at(250_000);
+        let high = Some(260_000);
+        let skip_at = |wanted: Offset| vec![report(wanted + 5, 900, 1.0)];
+        // A broker that skips past offset after offset: each re-read is
+        // granted until the budget of the minute is spent.
+        for round in 0..Offset::from(REREAD_BUDGET) {
+            let wanted = 250_000 + round;
+            let (actions, _) = harness.read(skip_at(wanted), high);
+            assert!(
+                matches!(actions[..], [Action::ReadBack { wanted: w, .. }] if w == wanted),
+                "{actions:?}"
+            );
+            let day = u64::try_from(round).unwrap() + 1;
+            harness.read(vec![report(wanted, day, 1.0)], high);
+            assert_eq!(harness.snapshot().next_offset, wanted + 1);
+        }
+        // Spent: a skip pauses, silence only waits; no re-read, no gap.
+        let wanted = 250_000 + Offset::from(REREAD_BUDGET);
+        let (actions, _) = harness.read(skip_at(wanted), high);
+        assert_eq!(
+            actions,
+            [Action::ReadBackDeferred {
+                wanted,
+                wait: REREAD_DEFER_PAUSE
+            }]
+        );
+        harness.later(FETCH_STALL);
+        assert_eq!(harness.read(Vec::new(), high).0, []);
+        harness.later(FETCH_STALL);
+        let (actions, _) = harness.read(Vec::new(), high);
+        assert_eq!(
+            actions,
+            [Action::ReadBackDeferred {
+                wanted,
+                wait: Duration::ZERO
+            }]
+        );
+        assert_eq!(harness.snapshot().next_offset, wanted, "nothing skipped");
+        // A new minute: re-reading resumes.
+        harness.later(REREAD_WINDOW);
+        let (actions, _) = harness.read(skip_at(wanted), high);
+        assert!(
+            matches!(actions[..], [Action::ReadBack { wanted: w, .. }] if w == wanted),
+            "{actions:?}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!   whether stored fingerprints are still in the topic.
 
 mod machine;
+mod stall;
 mod verify;
 mod worker;
 
@@ -30,13 +31,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 
 use crate::aggregate::Aggregates;
+use crate::broker_link::BrokerLink;
 use crate::exporter::{Committed, Exporter};
 use crate::kafka::{Offset, PartitionId, TopicAdmin};
-use crate::metrics::{Metrics, MetricsServer};
+use crate::metrics::{Metrics, MetricsServer, PartitionMetrics};
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
 use crate::state::{PartitionState, Snapshot};
 use machine::{CheckOutcome, CheckRequest};
+use stall::{StallNews, StallWatch};
 use worker::PartitionWorker;
 
 /// How often the supervisor looks at its workers and the progress clock.
@@ -223,6 +226,11 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         Some(metrics.clone()),
     )
     .context("starting the exporter thread")?;
+    // One view of the brokers for the whole process: an outage is one
+    // warning, not one per partition.
+    let link = Arc::new(BrokerLink::new(
+        "the partitions wait, keeping their committed state",
+    ));
     let mut workers = Vec::new();
     for mut state in states {
         reconcile_at_start(config, &mut state, shutdown)?;
@@ -232,18 +240,20 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
             .sender()
             .send(Committed::current(snapshot))
             .map_err(|_| anyhow!("exporter stopped"))?;
+        let partition_metrics = metrics.partition(progress.partition);
         let worker = PartitionWorker::new(
             config.clone(),
             state,
             exporter.sender(),
             progress.clone(),
-            metrics.partition(progress.partition),
+            partition_metrics.clone(),
+            link.clone(),
             shutdown.clone(),
         );
-        workers.push(WorkerHandle::spawn(worker, progress)?);
+        workers.push(WorkerHandle::spawn(worker, progress, partition_metrics)?);
     }
 
-    let result = supervise(config, &mut workers, shutdown);
+    let result = supervise(config, &mut workers, &link, shutdown);
     shutdown.request();
     let mut first_error = result.err();
     for worker in workers {
@@ -404,11 +414,23 @@ fn reconcile_at_start(
     Ok(())
 }
 
+/// Watches the workers until one ends or shutdown: stalls (see
+/// [`stall`]) and the progress lines.
 fn supervise(
     config: &ConsumerConfig,
     workers: &mut [WorkerHandle],
+    link: &BrokerLink,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
+    let mut watches: Vec<StallWatch> = workers
+        .iter()
+        .map(|w| {
+            StallWatch::new(
+                w.progress.next_offset.load(Ordering::Relaxed),
+                Instant::now(),
+            )
+        })
+        .collect();
     let mut last_report = Instant::now();
     let mut last_offsets: Vec<Offset> = workers
         .iter()
@@ -417,6 +439,9 @@ fn supervise(
     while !shutdown.wait(SUPERVISE_INTERVAL) {
         if workers.iter().any(|w| w.is_finished()) {
             return Ok(());
+        }
+        for (worker, watch) in workers.iter().zip(watches.iter_mut()) {
+            watch_stall(worker, watch, link);
         }
         let Some(interval) = config.progress_interval else {
             continue;
@@ -451,15 +476,57 @@ fn supervise(
     Ok(())
 }
 
-/// A named worker thread and its counters.
+/// Samples one partition for [`StallWatch`] and says what it finds.
+fn watch_stall(worker: &WorkerHandle, watch: &mut StallWatch, link: &BrokerLink) {
+    let p = &worker.progress;
+    let next_offset = p.next_offset.load(Ordering::Relaxed);
+    // A storage fault and a broker outage have warnings of their own.
+    let lag = Some(p.lag.load(Ordering::Relaxed))
+        .filter(|lag| *lag >= 0)
+        .filter(|_| !p.storage_stalled.load(Ordering::Relaxed) && !link.is_down());
+    let Some(news) = watch.observe(next_offset, lag, Instant::now()) else {
+        return;
+    };
+    worker.metrics.set_progress_stalled(watch.is_stalled());
+    match news {
+        StallNews::Stalled {
+            lag,
+            since_record,
+            first: true,
+        } => log::warn!(
+            "partition {}: STALLED: behind by {lag} records and no record read for {:.0} s (next offset {next_offset}); the broker may be overloaded or the partition's leader unavailable",
+            p.partition,
+            since_record.as_secs_f64()
+        ),
+        StallNews::Stalled {
+            lag, since_record, ..
+        } => log::warn!(
+            "partition {}: still STALLED: behind by {lag} records, no record read for {:.0} s (next offset {next_offset})",
+            p.partition,
+            since_record.as_secs_f64()
+        ),
+        StallNews::Moving { since_record } => log::warn!(
+            "partition {}: progressing again, {:.0} s after the last record before the stall (next offset {next_offset})",
+            p.partition,
+            since_record.as_secs_f64()
+        ),
+    }
+}
+
+/// A named worker thread, its counters and its metrics.
 struct WorkerHandle {
     partition: PartitionId,
     progress: Arc<Progress>,
+    metrics: PartitionMetrics,
     thread: JoinHandle<anyhow::Result<()>>,
 }
 
 impl WorkerHandle {
-    fn spawn(worker: PartitionWorker, progress: Arc<Progress>) -> anyhow::Result<Self> {
+    fn spawn(
+        worker: PartitionWorker,
+        progress: Arc<Progress>,
+        metrics: PartitionMetrics,
+    ) -> anyhow::Result<Self> {
         let partition = progress.partition;
         let thread = std::thread::Builder::new()
             .name(format!("partition-{partition}"))
@@ -468,6 +535,7 @@ impl WorkerHandle {
         Ok(WorkerHandle {
             partition,
             progress,
+            metrics,
             thread,
         })
     }

@@ -6,13 +6,15 @@
 //! re-create the client at an offset, ask the verifier, reset the partition.
 //! Every decision lives in the machine; this module only does what it says.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use crossbeam_channel::Sender;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 
@@ -21,6 +23,7 @@ use super::machine::{
 };
 use super::verify::Verifier;
 use super::{ConsumerConfig, Progress};
+use crate::broker_link::BrokerLink;
 use crate::exporter::Committed;
 use crate::kafka::{assign, cached_high_watermark, reading_config, Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
@@ -33,10 +36,16 @@ const LAG_INTERVAL: Duration = Duration::from_secs(1);
 /// Repeated lines about consumer errors and malformed messages: one per
 /// this, with a count of the rest.
 const NOISY_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// While re-reads wait for their budget, one line per this.
+const REREAD_DEFERRED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// While a commit keeps failing (a full disk), one error line per this.
 const STORAGE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// The workers' consumer group name (joined by no one: manual assignment).
 const WORKER_GROUP: &str = "weatherstream-consumer";
+/// How often a worker's client reports its statistics (connection states,
+/// requests sent): the source of "broker reachable again" for a partition
+/// that receives nothing, and of the fetch request count.
+const CLIENT_STATS_INTERVAL_MS: &str = "1000";
 
 impl Record for BorrowedMessage<'_> {
     fn offset(&self) -> Offset {
@@ -67,14 +76,109 @@ pub(super) fn needs_verification(error: &KafkaError) -> bool {
     )
 }
 
+/// The context of a worker's client: it tells the process's
+/// [`BrokerLink`] when a broker connection is up, and adds the fetch
+/// requests the client sent to the partition's metrics, both from
+/// librdkafka's statistics.
+pub(super) struct WorkerContext {
+    link: Arc<BrokerLink>,
+    metrics: PartitionMetrics,
+    /// Fetch requests this client had sent at its last statistics.
+    fetches_seen: AtomicU64,
+    /// Responses this client had received from brokers at its last
+    /// statistics.
+    responses_seen: AtomicU64,
+}
+
+impl WorkerContext {
+    /// Responses received from brokers, as of the last statistics (every
+    /// [`CLIENT_STATS_INTERVAL_MS`]).
+    pub(super) fn broker_responses(&self) -> u64 {
+        self.responses_seen.load(Ordering::Relaxed)
+    }
+}
+
+/// The part of librdkafka's statistics JSON read here (STATISTICS.md).
+#[derive(serde::Deserialize)]
+struct ClientStats {
+    #[serde(default)]
+    brokers: HashMap<String, BrokerStats>,
+}
+
+#[derive(serde::Deserialize)]
+struct BrokerStats {
+    /// -1 for a bootstrap broker, which is dropped once the cluster's own
+    /// brokers are known.
+    nodeid: i32,
+    state: String,
+    /// Responses received.
+    #[serde(default)]
+    rx: u64,
+    /// Requests sent, by request type.
+    #[serde(default)]
+    req: HashMap<String, u64>,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<ClientStats>(statistics) else {
+            log::debug!("unreadable librdkafka statistics");
+            return;
+        };
+        if stats
+            .brokers
+            .values()
+            .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
+        {
+            self.link.up();
+        }
+        let responses: u64 = stats.brokers.values().map(|broker| broker.rx).sum();
+        self.responses_seen.fetch_max(responses, Ordering::Relaxed);
+        let fetches: u64 = stats
+            .brokers
+            .values()
+            .filter_map(|broker| broker.req.get("Fetch"))
+            .sum();
+        // A dropped bootstrap broker takes its count with it: never count
+        // backwards.
+        let seen = self.fetches_seen.fetch_max(fetches, Ordering::Relaxed);
+        self.metrics
+            .add_fetch_requests(fetches.saturating_sub(seen));
+    }
+}
+
+impl ConsumerContext for WorkerContext {}
+
+type WorkerClient = BaseConsumer<WorkerContext>;
+
+/// Every broker connection of a client is down.
+fn is_outage(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+}
+
+/// One connection failed; librdkafka reconnects with backoff.
+fn is_reconnect(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure)
+}
+
 /// A client that reads one partition from the offsets we keep.
-fn partition_client(config: &ConsumerConfig) -> anyhow::Result<BaseConsumer> {
+fn partition_client(
+    config: &ConsumerConfig,
+    link: &Arc<BrokerLink>,
+    metrics: &PartitionMetrics,
+) -> anyhow::Result<WorkerClient> {
     reading_config(
         &config.bootstrap_servers,
         WORKER_GROUP,
         config.fetch_wait_ms,
     )
-    .create()
+    .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
+    .create_with_context(WorkerContext {
+        link: link.clone(),
+        metrics: metrics.clone(),
+        fetches_seen: AtomicU64::new(0),
+        responses_seen: AtomicU64::new(0),
+    })
     .context("creating a Kafka consumer")
 }
 
@@ -88,10 +192,12 @@ pub(super) struct PartitionWorker {
     metrics: PartitionMetrics,
     shutdown: Shutdown,
     /// The client reading the partition; replaced on every `ReadFrom`.
-    client: Option<BaseConsumer>,
+    client: Option<WorkerClient>,
+    link: Arc<BrokerLink>,
     errors: LogLimiter,
     bad_input: LogLimiter,
     storage_errors: LogLimiter,
+    rereads_deferred: LogLimiter,
 }
 
 impl PartitionWorker {
@@ -101,6 +207,7 @@ impl PartitionWorker {
         exporter: Sender<Committed>,
         progress: Arc<Progress>,
         metrics: PartitionMetrics,
+        link: Arc<BrokerLink>,
         shutdown: Shutdown,
     ) -> Self {
         let limits = Limits {
@@ -118,9 +225,11 @@ impl PartitionWorker {
             progress,
             shutdown,
             client: None,
+            link,
             errors: LogLimiter::new(NOISY_LOG_INTERVAL),
             bad_input: LogLimiter::new(NOISY_LOG_INTERVAL),
             storage_errors: LogLimiter::new(STORAGE_ERROR_LOG_INTERVAL),
+            rereads_deferred: LogLimiter::new(REREAD_DEFERRED_LOG_INTERVAL),
         }
     }
 
@@ -193,7 +302,14 @@ impl PartitionWorker {
                     self.shutdown.wait(duration);
                 }
                 Action::SetAnchor(anchor) => {
-                    self.state.set_anchor(anchor)?;
+                    if self
+                        .durably("record of a verified fingerprint", |state, _| {
+                            state.set_anchor(anchor)
+                        })?
+                        .is_none()
+                    {
+                        return Ok(()); // shutdown
+                    }
                     self.machine.set_committed(self.state.snapshot());
                 }
                 Action::Reset {
@@ -207,7 +323,11 @@ impl PartitionWorker {
                         self.config.topic,
                         self.state.snapshot().next_offset
                     );
-                    let snapshot = self.state.reset()?;
+                    // Repeating a reset that did reach the disk only bumps
+                    // the epoch again.
+                    let Some(snapshot) = self.durably("reset", |state, _| state.reset())? else {
+                        return Ok(()); // shutdown
+                    };
                     self.progress.update(&snapshot);
                     self.metrics.reset();
                     self.machine.set_committed(snapshot.clone());
@@ -217,6 +337,23 @@ impl PartitionWorker {
                     snapshot: self.state.snapshot(),
                     backlog,
                 })?,
+                Action::ReadBack { wanted, from } => {
+                    log::info!(
+                        "partition {}: the broker did not serve offset {wanted} (it served a later one, or nothing while the log goes on); reading again from offset {from}",
+                        self.partition()
+                    );
+                    self.client = Some(self.client_at(from)?);
+                }
+                Action::ReadBackDeferred { wanted, wait } => {
+                    if let Some(suppressed) = self.rereads_deferred.allow(Instant::now()) {
+                        log::warn!(
+                            "partition {}: offset {wanted} is still not served, and this minute's re-reads are spent; waiting instead of reading more from a broker that may be overloaded{}",
+                            self.partition(),
+                            suppressed_note(suppressed)
+                        );
+                    }
+                    self.shutdown.wait(wait);
+                }
                 Action::GapAccepted { from } => log::warn!(
                     "partition {}: offsets from {from} are missing from the log even when read from the start; going on after them",
                     self.partition()
@@ -227,15 +364,15 @@ impl PartitionWorker {
     }
 
     /// A new client reading this partition from `offset`.
-    fn client_at(&self, offset: Offset) -> anyhow::Result<BaseConsumer> {
-        let client = partition_client(&self.config)?;
+    fn client_at(&self, offset: Offset) -> anyhow::Result<WorkerClient> {
+        let client = partition_client(&self.config, &self.link, &self.metrics)?;
         assign(&client, &self.config.topic, self.partition(), offset)
             .context("assigning the partition")?;
         Ok(client)
     }
 
     /// Reads one batch, commits what it counted, and returns how it ended.
-    fn read_batch(&mut self, client: &BaseConsumer) -> anyhow::Result<Event> {
+    fn read_batch(&mut self, client: &WorkerClient) -> anyhow::Result<Event> {
         let partition = self.partition();
         let mut batch = self.machine.batch();
         while batch.wants_more() {
@@ -247,6 +384,7 @@ impl PartitionWorker {
             };
             let flow = match polled {
                 Ok(message) => {
+                    self.link.up();
                     let offset = Message::offset(&message);
                     match batch.offer(message) {
                         Flow::Malformed(reason) => {
@@ -263,6 +401,16 @@ impl PartitionWorker {
                 }
                 Err(error) if needs_verification(&error) => {
                     batch.poll_error(PollError::NeedsCheck(format!("consumer error: {error}")))
+                }
+                Err(error) if is_outage(&error) => {
+                    self.link.down(&error);
+                    batch.poll_error(PollError::Transient)
+                }
+                Err(error) if is_reconnect(&error) => {
+                    // librdkafka reconnects by itself; if every broker is
+                    // gone, AllBrokersDown follows and is told once.
+                    log::debug!("partition {partition}: {error}");
+                    batch.poll_error(PollError::Transient)
                 }
                 Err(error) => {
                     if let Some(suppressed) = self.errors.allow(Instant::now()) {
@@ -304,47 +452,59 @@ impl PartitionWorker {
             end,
             committed,
             high_watermark: cached_high_watermark(client, &self.config.topic, partition),
+            broker_responses: client.context().broker_responses(),
         })
     }
 
-    /// Commits a batch, retrying while storage fails (a full disk): the
-    /// last committed state is kept meanwhile, and retrying the identical
-    /// transaction is exactly-once safe (it writes the same statistics and
-    /// offset). One error line, then at most one per
-    /// [`STORAGE_ERROR_LOG_INTERVAL`]; one line when storage works again.
-    /// None: shutdown came first (the batch is read again at the next
-    /// start).
+    /// Commits a batch durably, through storage faults (see
+    /// [`Self::durably`]). Retrying the identical transaction is
+    /// exactly-once safe: it writes the same statistics and offset.
     fn commit_durably(&mut self, commit: BatchCommit) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        self.durably("commit", |state, retrying| {
+            // If the failed transaction did reach the disk, the batch is
+            // committed already.
+            if retrying && state.snapshot().next_offset == commit.next_offset {
+                return Ok(state.snapshot());
+            }
+            state.commit(commit.clone())
+        })
+    }
+
+    /// Runs a state write until it succeeds, while storage fails (a full
+    /// or failing disk): the last committed state is kept meanwhile. One
+    /// error line, then at most one per [`STORAGE_ERROR_LOG_INTERVAL`];
+    /// retries with backoff, each on a freshly opened sled database
+    /// (sled's handle keeps failing after an I/O error); one line when
+    /// storage works again. `write` gets `true` on a retry and must be
+    /// safe to repeat. None: shutdown came first (what was not written is
+    /// read again at the next start).
+    fn durably<T>(
+        &mut self,
+        what: &str,
+        mut write: impl FnMut(&mut PartitionState, bool) -> Result<T, StateError>,
+    ) -> anyhow::Result<Option<T>> {
         let mut retry = StorageRetry::new();
         let mut failing_since: Option<Instant> = None;
         loop {
             let attempt = if failing_since.is_some() {
-                // sled's handle keeps failing after an I/O error: a fresh
-                // one. If the failed transaction did reach the disk, the
-                // batch is committed already.
-                self.state.reopen().and_then(|()| {
-                    let durable = self.state.snapshot();
-                    if durable.next_offset == commit.next_offset {
-                        Ok(durable)
-                    } else {
-                        self.state.commit(commit.clone())
-                    }
-                })
+                self.state
+                    .reopen()
+                    .and_then(|()| write(&mut self.state, true))
             } else {
-                self.state.commit(commit.clone())
+                write(&mut self.state, false)
             };
             match attempt {
-                Ok(snapshot) => {
+                Ok(written) => {
                     if let Some(since) = failing_since {
                         log::warn!(
-                            "partition {}: storage works again after {:.1} s; the waiting batch is committed (next offset {})",
+                            "partition {}: storage works again after {:.1} s; the waiting {what} is done (next offset {})",
                             self.partition(),
                             since.elapsed().as_secs_f64(),
-                            snapshot.next_offset
+                            self.state.snapshot().next_offset
                         );
                         self.set_storage_stalled(false);
                     }
-                    return Ok(Some(snapshot));
+                    return Ok(Some(written));
                 }
                 Err(
                     error @ (StateError::Sled { .. }
@@ -358,7 +518,7 @@ impl PartitionWorker {
                     }
                     if let Some(suppressed) = self.storage_errors.allow(now) {
                         log::error!(
-                            "partition {}: cannot commit: {:#}; the last committed state (offset {}) is kept, retrying{}",
+                            "partition {}: cannot {what}: {:#}; the last committed state (offset {}) is kept, retrying{}",
                             self.partition(),
                             anyhow::Error::from(error),
                             self.state.snapshot().next_offset,
@@ -367,7 +527,7 @@ impl PartitionWorker {
                     }
                     if self.shutdown.wait(retry.after_failure()) {
                         log::warn!(
-                            "partition {}: stopping with the last committed state (offset {}); the uncommitted batch is read again at the next start",
+                            "partition {}: stopping with the last committed state (offset {}); what was not written is read again at the next start",
                             self.partition(),
                             self.state.snapshot().next_offset
                         );
