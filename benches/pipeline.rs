@@ -689,13 +689,16 @@ fn bench_soak() {
         "\n== soak: {seconds} s, producer --delay {delay}, consumer 0 1 2 3, sampled every {} s ==",
         sample_every.as_secs()
     );
-    // The in-memory engine, as the tests' tansu and the trial.
-    let broker = Broker::start_with(Storage::Memory);
+    let (storage, storage_name) = match std::env::var("BENCH_SOAK_STORAGE").as_deref() {
+        Ok("memory") => (Storage::Memory, "in-memory"),
+        _ => (Storage::Sqlite, "sqlite"),
+    };
+    let broker = Broker::start_with(storage);
     let Some(broker_pid) = broker.pid() else {
         println!("  skipped: the soak needs a broker it starts (to measure its CPU); unset KAFKA_BOOTSTRAP_SERVERS");
         return;
     };
-    println!("broker: tansu 0.6.0, in-memory storage, loopback");
+    println!("broker: tansu 0.6.0, {storage_name} storage, loopback");
     let topic = unique_topic("soak");
     let files = tempfile::tempdir().unwrap();
     let mut producer = {

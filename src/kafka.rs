@@ -143,8 +143,7 @@ pub(crate) fn reading_config(
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         // The rest is right for any broker. librdkafka prefetches up to
         // 100,000 messages per partition by default; one batch
-        // (--max-batch, 10,000) is enough, and each reader has its own
-        // client.
+        // (--max-batch, 10,000) per partition is enough.
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "2048")
         // When the prefetch queue is over those limits librdkafka waits

@@ -59,7 +59,6 @@ pub(crate) struct PartitionMetrics {
     last_publish: Gauge,
     storage_stalled: IntGauge,
     progress_stalled: IntGauge,
-    fetch_requests: IntCounter,
 }
 
 /// Registers a metric family and returns it (the registry keeps a clone).
@@ -118,9 +117,18 @@ impl Metrics {
             "weatherstream_recreations_detected_total",
             "Topic re-creations detected (statistics reset to offset 0)",
         );
-        let fetch_requests = counter(
-            "weatherstream_fetch_requests_total",
-            "Fetch requests the partition's client sent (librdkafka statistics, every second)",
+        let fetch_requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "weatherstream_fetch_requests_total",
+                    "Fetch requests sent, by client: shared (partitions at the end of their log), \
+                     partition-N (catching up, reading again), verify-N (checks); librdkafka \
+                     statistics, every second",
+                ),
+                &["client"],
+            )
+            .expect("valid metric"),
         );
         let batches = counter(
             "weatherstream_batches_committed_total",
@@ -190,9 +198,13 @@ impl Metrics {
             last_publish: self.last_publish.with_label_values(&values),
             storage_stalled: self.storage_stalled.with_label_values(&values),
             progress_stalled: self.progress_stalled.with_label_values(&values),
-            fetch_requests: self.fetch_requests.with_label_values(&values),
             partition: label,
         }
+    }
+
+    /// The fetch request counter of one Kafka client.
+    pub(crate) fn fetch_requests(&self, client: &str) -> IntCounter {
+        self.fetch_requests.with_label_values(&[client])
     }
 
     /// The text exposition of every metric.
@@ -234,10 +246,6 @@ impl PartitionMetrics {
 
     pub(crate) fn set_progress_stalled(&self, stalled: bool) {
         self.progress_stalled.set(i64::from(stalled));
-    }
-
-    pub(crate) fn add_fetch_requests(&self, requests: u64) {
-        self.fetch_requests.inc_by(requests);
     }
 
     pub(crate) fn set_next_offset(&self, next_offset: Offset) {

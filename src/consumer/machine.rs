@@ -17,6 +17,10 @@
 //!   the partition to offset 0, with one warning; "undecided" asks again and
 //!   never resets. A routine check also runs beside reading every
 //!   `verify_interval`.
+//! - A partition at the end of its log is read by the process's shared
+//!   client ([`Action::Follow`]), which fetches all such partitions in one
+//!   request; a backlog, and every read from a given offset, by a fresh
+//!   client of the partition's own ([`Action::ReadFrom`]).
 //! - A broker that serves a record past the offset asked for, or nothing at
 //!   all while the log goes on, is read again from earlier offsets: see
 //!   [`Rereads`], the one place that exists for brokers serving whole record
@@ -43,6 +47,12 @@ const REREAD_WINDOW: Duration = Duration::from_secs(60);
 /// Longest pause before a skip is looked at again while the re-read budget
 /// is spent: reading past the gap meanwhile would only be skipped again.
 const REREAD_DEFER_PAUSE: Duration = Duration::from_secs(5);
+
+/// How long a partition stays with clients of its own after the shared
+/// client was in trouble with it (an error, a skip, silence), before it is
+/// handed to the shared client again: a shared client that cannot serve a
+/// partition is not tried again and again.
+const FOLLOW_BACKOFF: Duration = Duration::from_secs(60);
 
 /// How long nothing may arrive, while the broker's high watermark says the
 /// log goes on, before the worker reads again from earlier offsets. Long
@@ -174,9 +184,14 @@ pub(crate) enum Event {
 /// What the worker is to do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Action {
-    /// Read from this offset on, with a fresh client (after a re-creation the
-    /// old one may hold stale metadata or an error state).
+    /// Read from this offset on, with a fresh client of the partition's own
+    /// (after a re-creation the old one may hold stale metadata or an error
+    /// state; a backlog is fetched in parallel with other partitions).
     ReadFrom(Offset),
+    /// The partition is at the end of its log: read on from the committed
+    /// offset with the process's shared client, which fetches every such
+    /// partition in one request (the partition's own client is dropped).
+    Follow,
     /// Send this question to the verifier.
     Ask(CheckRequest),
     /// Wait for the verifier's answer and hand it back as an event; reading
@@ -312,6 +327,12 @@ impl Rereads {
         }
     }
 
+    /// Whether a re-read for an offset at or after `next_offset` is under
+    /// way (it is over once reading has passed it).
+    fn pending(&self, next_offset: Offset) -> bool {
+        self.current.is_some_and(|(at, _)| at >= next_offset)
+    }
+
     /// Whether every step was taken for `offset` already.
     fn exhausted(&self, offset: Offset) -> bool {
         self.current
@@ -335,6 +356,11 @@ pub(crate) struct PartitionMachine {
     /// The client's broker responses when a silence was first noticed:
     /// a re-read is for a broker that answers without the offset.
     silence_answers: Option<u64>,
+    /// Reading is with the shared client (see [`Action::Follow`]).
+    following: bool,
+    /// No [`Action::Follow`] before this: the shared client was in trouble
+    /// with this partition.
+    follow_after: Option<Instant>,
     rereads: Rereads,
     /// Reused protobuf buffer: no allocation per record.
     validator: Validator,
@@ -359,6 +385,8 @@ impl PartitionMachine {
             last_check: now,
             cleared_through: None,
             silence_answers: None,
+            following: false,
+            follow_after: None,
             rereads: Rereads::default(),
             validator: Validator::default(),
         }
@@ -372,6 +400,14 @@ impl PartitionMachine {
     /// The state changed outside a batch (an anchor stored, a reset).
     pub(crate) fn set_committed(&mut self, snapshot: Arc<Snapshot>) {
         self.committed = snapshot;
+    }
+
+    /// The shared client could not take the partition on
+    /// ([`Action::Follow`]): reading goes on with the partition's own
+    /// client, and following is tried again after [`FOLLOW_BACKOFF`].
+    pub(crate) fn follow_refused(&mut self, now: Instant) {
+        self.following = false;
+        self.follow_after = Some(now + FOLLOW_BACKOFF);
     }
 
     /// Starts a batch on top of the committed snapshot.
@@ -394,7 +430,7 @@ impl PartitionMachine {
 
     /// Decides what an event calls for.
     pub(crate) fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
-        match event {
+        let actions = match event {
             Event::Tick => self.on_tick(now),
             Event::Verdict(outcome) => self.on_verdict(outcome, now),
             Event::BatchEnded {
@@ -403,7 +439,18 @@ impl PartitionMachine {
                 high_watermark,
                 broker_responses,
             } => self.on_batch_end(end, committed, high_watermark, broker_responses, now),
+        };
+        for action in &actions {
+            let following = match action {
+                Action::ReadFrom(_) | Action::ReadBack { .. } => false,
+                Action::Follow => true,
+                _ => continue,
+            };
+            self.following = following;
+            // Another client counts its responses anew.
+            self.silence_answers = None;
         }
+        actions
     }
 
     /// What to check: the verified anchor and the last record, or for
@@ -536,6 +583,7 @@ impl PartitionMachine {
             };
             self.silence_answers = None;
         }
+        let (full, drained) = (end == BatchEnd::Full, end == BatchEnd::Drained);
         match end {
             BatchEnd::Suspect(suspicion) => {
                 self.phase = Phase::Held {
@@ -556,14 +604,34 @@ impl PartitionMachine {
                 actions.extend(self.on_silence(high_watermark, broker_responses, now))
             }
         }
-        if actions
+        let moves = actions
             .iter()
-            .any(|a| matches!(a, Action::ReadFrom(_) | Action::ReadBack { .. }))
-        {
-            // A fresh client counts its responses from zero.
-            self.silence_answers = None;
+            .any(|a| matches!(a, Action::ReadFrom(_) | Action::ReadBack { .. }));
+        if self.following && (moves || !(full || drained)) {
+            // An error, a skip or silence on the shared client.
+            self.follow_after = Some(now + FOLLOW_BACKOFF);
+        }
+        if moves || !self.is_reading() {
+            return actions;
+        }
+        if self.following && full {
+            // A backlog: a client of its own fetches it, in parallel with
+            // the other partitions.
+            actions.push(Action::ReadFrom(next_offset));
+        } else if !self.following && drained && self.may_follow(high_watermark, now) {
+            actions.push(Action::Follow);
         }
         actions
+    }
+
+    /// Whether the partition is at the end of its log (as far as the
+    /// client heard: tansu's in-memory engine reports the last batch's base
+    /// offset + 1, so a high watermark at or before the next offset), with
+    /// no re-read under way and no recent trouble with the shared client.
+    fn may_follow(&self, high_watermark: Option<Offset>, now: Instant) -> bool {
+        high_watermark.is_some_and(|high| high <= self.committed.next_offset)
+            && !self.rereads.pending(self.committed.next_offset)
+            && self.follow_after.is_none_or(|after| now >= after)
     }
 
     /// Exists for tansu 0.6's in-memory engine, which answers nothing for
@@ -1038,7 +1106,11 @@ mod tests {
         let last = Fingerprint::of(2, records[2].key(), records[2].value());
         let (actions, end) = harness.read(records, Some(3));
         assert_eq!(end, BatchEnd::Drained);
-        assert_eq!(actions, [Action::Publish { backlog: false }]);
+        // At the end of the log: the shared client takes over.
+        assert_eq!(
+            actions,
+            [Action::Publish { backlog: false }, Action::Follow]
+        );
         let snapshot = harness.snapshot();
         assert_eq!(snapshot.next_offset, 3);
         assert_eq!(snapshot.counters.counted, 3);
@@ -1201,7 +1273,7 @@ mod tests {
         harness.later(FETCH_STALL / 2);
         assert_eq!(harness.read(Vec::new(), high).0, []);
         harness.later(FETCH_STALL);
-        assert_eq!(harness.read(Vec::new(), Some(250_000)).0, []);
+        assert_eq!(harness.read(Vec::new(), Some(250_000)).0, [Action::Follow]);
         let mut froms = Vec::new();
         for _ in 0..READ_BACK_STEPS.len() {
             // The first silent stretch of a client only notes how many
@@ -1228,6 +1300,82 @@ mod tests {
         let (_, end) = harness.read(vec![report(250_000, 1, 1.0)], high);
         assert_eq!(end, BatchEnd::Drained);
         assert_eq!(harness.snapshot().next_offset, 250_001);
+    }
+
+    #[test]
+    fn the_end_of_the_log_is_followed_by_the_shared_client_and_a_backlog_gets_its_own() {
+        let mut harness = Harness::at(0);
+        // Behind the log, or not yet told where it ends: own client.
+        let (actions, _) = harness.read(reports(0, 3), Some(10));
+        assert_eq!(actions, [Action::Publish { backlog: true }]);
+        let (actions, _) = harness.read(reports(3, 5), None);
+        assert_eq!(actions, [Action::Publish { backlog: false }]);
+        // Caught up (tansu's watermark may even lag behind): follow.
+        let (actions, _) = harness.read(reports(5, 10), Some(9));
+        assert_eq!(
+            actions,
+            [Action::Publish { backlog: false }, Action::Follow]
+        );
+        // Following: a paced record at a time stays with the shared client.
+        let (actions, _) = harness.read(reports(10, 11), Some(11));
+        assert_eq!(actions, [Action::Publish { backlog: false }]);
+        // A full batch is a backlog: a client of its own fetches it.
+        let full = LIMITS.max_batch as Offset;
+        let end_of_log = 11 + full + 500;
+        let (actions, end) = harness.read(reports(11, 11 + full), Some(end_of_log));
+        assert_eq!(end, BatchEnd::Full);
+        assert_eq!(
+            actions,
+            [
+                Action::Publish { backlog: true },
+                Action::ReadFrom(11 + full)
+            ]
+        );
+        // Caught up again: back to the shared client, at once.
+        let (actions, _) = harness.read(reports(11 + full, end_of_log), Some(end_of_log));
+        assert_eq!(
+            actions,
+            [Action::Publish { backlog: false }, Action::Follow]
+        );
+        assert_eq!(harness.snapshot().next_offset, end_of_log);
+    }
+
+    #[test]
+    fn trouble_on_the_shared_client_keeps_the_partition_on_its_own_for_a_while() {
+        let mut harness = Harness::at(0);
+        let (actions, _) = harness.read(reports(0, 3), Some(3));
+        assert_eq!(
+            actions,
+            [Action::Publish { backlog: false }, Action::Follow]
+        );
+        // The shared client serves a record past the offset: re-read with a
+        // client of its own.
+        let (actions, _) = harness.read(reports(5, 6), Some(6));
+        assert_eq!(actions, [Action::ReadBack { wanted: 3, from: 0 }]);
+        let (actions, _) = harness.read(reports(0, 6), Some(6));
+        assert_eq!(
+            actions,
+            [Action::Publish { backlog: false }],
+            "no follow yet"
+        );
+        harness.later(FOLLOW_BACKOFF / 2);
+        let (actions, _) = harness.read(Vec::new(), Some(6));
+        assert_eq!(actions, [], "no follow yet");
+        harness.later(FOLLOW_BACKOFF / 2);
+        let (actions, _) = harness.read(Vec::new(), Some(6));
+        assert_eq!(actions, [Action::Follow]);
+
+        // The shared client refuses the partition: the same wait.
+        harness.machine.follow_refused(harness.now);
+        let (actions, _) = harness.read(reports(6, 7), Some(7));
+        assert_eq!(
+            actions,
+            [Action::Publish { backlog: false }],
+            "no follow yet"
+        );
+        harness.later(FOLLOW_BACKOFF);
+        let (actions, _) = harness.read(Vec::new(), Some(7));
+        assert_eq!(actions, [Action::Follow]);
     }
 
     #[test]

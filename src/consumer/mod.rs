@@ -11,12 +11,17 @@
 //! workers, and the progress lines. A worker is split in three:
 //! - [`machine`]: every decision, as a state machine without I/O (what a
 //!   batch counts, when to check for a re-created topic, when to reset,
-//!   when to read again from earlier offsets);
+//!   when to read again from earlier offsets, which client reads);
 //! - [`worker`]: the I/O shell that carries the decisions out (librdkafka
 //!   client, sled commit, exporter hand-off);
 //! - [`verify`]: the verifier thread and its record probe, which tell
 //!   whether stored fingerprints are still in the topic.
+//!
+//! [`clients`] owns the Kafka clients the workers read with: one of a
+//! partition's own while it catches up, and one shared by the process for
+//! every partition at the end of its log.
 
+mod clients;
 mod machine;
 mod stall;
 mod verify;
@@ -38,9 +43,10 @@ use crate::metrics::{Metrics, MetricsServer, PartitionMetrics};
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
 use crate::state::{PartitionState, Snapshot};
+use clients::{Observed, SharedClient};
 use machine::{CheckOutcome, CheckRequest};
 use stall::{StallNews, StallWatch};
-use worker::PartitionWorker;
+use worker::{PartitionWorker, WorkerSetup};
 
 /// How often the supervisor looks at its workers and the progress clock.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
@@ -51,11 +57,12 @@ const TOPIC_WAIT_INTERVAL: Duration = Duration::from_millis(500);
 const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a broker may hold an empty fetch, by default: librdkafka's own
 /// default. Apache Kafka answers a waiting fetch as soon as a record
-/// arrives, so this only sets how often an idle partition asks (twice a
-/// second); it never delays a report. Brokers that hold an empty fetch for
-/// the whole wait (tansu 0.6, librdkafka's mock cluster) delay every report
-/// by up to this: give them a few milliseconds (the tests and the bench pass
-/// 5 for tansu; the demo's embedded broker uses 5).
+/// arrives, so this only sets how often an idle process asks (twice a
+/// second: its partitions at the end of their log share one client); it
+/// never delays a report. Brokers that hold every fetch for the whole wait
+/// (tansu 0.6, librdkafka's mock cluster) delay every report by up to twice
+/// this: give them a few milliseconds (the tests and the bench pass 15 for
+/// tansu; the demo's embedded broker uses 5).
 pub const DEFAULT_FETCH_WAIT_MS: u64 = 500;
 /// Progress lines, by default.
 const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
@@ -231,24 +238,36 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     let link = Arc::new(BrokerLink::new(
         "the partitions wait, keeping their committed state",
     ));
+    let shared = SharedClient::start(
+        config,
+        Observed::new(link.clone(), metrics.fetch_requests("shared")),
+    )?;
     let mut workers = Vec::new();
     for mut state in states {
-        reconcile_at_start(config, &mut state, shutdown)?;
+        let partition = state.snapshot().partition;
+        let probe_context = Observed::new(
+            link.clone(),
+            metrics.fetch_requests(&format!("verify-{partition}")),
+        );
+        reconcile_at_start(config, &mut state, probe_context, shutdown)?;
         let snapshot = state.snapshot();
         let progress = Arc::new(Progress::new(&snapshot));
         exporter
             .sender()
             .send(Committed::current(snapshot))
             .map_err(|_| anyhow!("exporter stopped"))?;
-        let partition_metrics = metrics.partition(progress.partition);
+        let partition_metrics = metrics.partition(partition);
         let worker = PartitionWorker::new(
-            config.clone(),
             state,
-            exporter.sender(),
-            progress.clone(),
-            partition_metrics.clone(),
-            link.clone(),
-            shutdown.clone(),
+            WorkerSetup {
+                config: config.clone(),
+                exporter: exporter.sender(),
+                progress: progress.clone(),
+                metrics: metrics.clone(),
+                shared: shared.clone(),
+                link: link.clone(),
+                shutdown: shutdown.clone(),
+            },
         );
         workers.push(WorkerHandle::spawn(worker, progress, partition_metrics)?);
     }
@@ -303,6 +322,7 @@ fn wait_for_topic(
 fn adopt_newer_file(
     config: &ConsumerConfig,
     state: &mut PartitionState,
+    probe_context: Observed,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     let snapshot = state.snapshot();
@@ -328,6 +348,7 @@ fn adopt_newer_file(
         &config.bootstrap_servers,
         &config.topic,
         partition,
+        probe_context,
         shutdown,
     )?;
     let questions = [
@@ -375,10 +396,11 @@ fn adopt_newer_file(
 fn reconcile_at_start(
     config: &ConsumerConfig,
     state: &mut PartitionState,
+    probe_context: Observed,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     if state.is_initialized() {
-        return adopt_newer_file(config, state, shutdown);
+        return adopt_newer_file(config, state, probe_context, shutdown);
     }
     let partition = state.snapshot().partition;
     let path = partition_file(&config.files_dir, partition);

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use crossbeam_channel::Sender;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 
+use super::clients::{Client, Observed, CLIENT_STATS_INTERVAL_MS};
 use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
 use super::worker::needs_verification;
 use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
@@ -48,7 +49,7 @@ const PROBE_QUIET: Duration = Duration::from_secs(2);
 
 /// Reads single records by offset, for verification.
 pub(super) struct RecordProbe {
-    consumer: BaseConsumer,
+    consumer: Client,
     topic: String,
     partition: PartitionId,
     /// Probes end early on shutdown, so the worker can join its verifier.
@@ -60,6 +61,7 @@ impl RecordProbe {
         bootstrap_servers: &str,
         topic: &str,
         partition: PartitionId,
+        context: Observed,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let consumer = manual_assign_config(bootstrap_servers, PROBE_GROUP)
@@ -74,7 +76,8 @@ impl RecordProbe {
             .set("max.partition.fetch.bytes", "65536")
             .set("fetch.max.bytes", "65536")
             .set("message.max.bytes", "65536")
-            .create()
+            .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
+            .create_with_context(context)
             .context("creating the verification consumer")?;
         Ok(RecordProbe {
             consumer,
@@ -288,9 +291,10 @@ impl Verifier {
         bootstrap_servers: &str,
         topic: &str,
         partition: PartitionId,
+        context: Observed,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let probe = RecordProbe::new(bootstrap_servers, topic, partition, shutdown)?;
+        let probe = RecordProbe::new(bootstrap_servers, topic, partition, context, shutdown)?;
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
         let shutdown = shutdown.clone();

@@ -1,23 +1,23 @@
 //! The partition worker's I/O shell (thread `partition-N`): it owns the
-//! partition's librdkafka client, its sled state and its verifier, feeds
-//! what they report to the [`PartitionMachine`] and carries out the actions
-//! it returns: commit a batch (statistics, counters, fingerprint and next
-//! offset in one transaction), hand the committed snapshot to the exporter,
-//! re-create the client at an offset, ask the verifier, reset the partition.
-//! Every decision lives in the machine; this module only does what it says.
+//! partition's [`Reader`] (a client of its own, or its queue of the shared
+//! client), its sled state and its verifier, feeds what they report to the
+//! [`PartitionMachine`] and carries out the actions it returns: commit a
+//! batch (statistics, counters, fingerprint and next offset in one
+//! transaction), hand the committed snapshot to the exporter, read from an
+//! offset with a fresh client or follow with the shared one, ask the
+//! verifier, reset the partition. Every decision lives in the machine; this
+//! module only does what it says.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 use crossbeam_channel::Sender;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 
+use super::clients::{is_outage, is_reconnect, own_client, Observed, Reader, SharedClient};
 use super::machine::{
     Action, Event, Flow, Limits, PartitionMachine, PollError, Record, StorageRetry,
 };
@@ -25,9 +25,9 @@ use super::verify::Verifier;
 use super::{ConsumerConfig, Progress};
 use crate::broker_link::BrokerLink;
 use crate::exporter::Committed;
-use crate::kafka::{assign, cached_high_watermark, reading_config, Offset, PartitionId};
+use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
-use crate::metrics::{BatchCounts, PartitionMetrics};
+use crate::metrics::{BatchCounts, Metrics, PartitionMetrics};
 use crate::shutdown::Shutdown;
 use crate::state::{BatchCommit, PartitionState, Snapshot, StateError};
 
@@ -40,12 +40,8 @@ const NOISY_LOG_INTERVAL: Duration = Duration::from_secs(1);
 const REREAD_DEFERRED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// While a commit keeps failing (a full disk), one error line per this.
 const STORAGE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
-/// The workers' consumer group name (joined by no one: manual assignment).
-const WORKER_GROUP: &str = "weatherstream-consumer";
-/// How often a worker's client reports its statistics (connection states,
-/// requests sent): the source of "broker reachable again" for a partition
-/// that receives nothing, and of the fetch request count.
-const CLIENT_STATS_INTERVAL_MS: &str = "1000";
+/// While the shared client refuses a partition, one line per this.
+const FOLLOW_REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Record for BorrowedMessage<'_> {
     fn offset(&self) -> Offset {
@@ -76,112 +72,6 @@ pub(super) fn needs_verification(error: &KafkaError) -> bool {
     )
 }
 
-/// The context of a worker's client: it tells the process's
-/// [`BrokerLink`] when a broker connection is up, and adds the fetch
-/// requests the client sent to the partition's metrics, both from
-/// librdkafka's statistics.
-pub(super) struct WorkerContext {
-    link: Arc<BrokerLink>,
-    metrics: PartitionMetrics,
-    /// Fetch requests this client had sent at its last statistics.
-    fetches_seen: AtomicU64,
-    /// Responses this client had received from brokers at its last
-    /// statistics.
-    responses_seen: AtomicU64,
-}
-
-impl WorkerContext {
-    /// Responses received from brokers, as of the last statistics (every
-    /// [`CLIENT_STATS_INTERVAL_MS`]).
-    pub(super) fn broker_responses(&self) -> u64 {
-        self.responses_seen.load(Ordering::Relaxed)
-    }
-}
-
-/// The part of librdkafka's statistics JSON read here (STATISTICS.md).
-#[derive(serde::Deserialize)]
-struct ClientStats {
-    #[serde(default)]
-    brokers: HashMap<String, BrokerStats>,
-}
-
-#[derive(serde::Deserialize)]
-struct BrokerStats {
-    /// -1 for a bootstrap broker, which is dropped once the cluster's own
-    /// brokers are known.
-    nodeid: i32,
-    state: String,
-    /// Responses received.
-    #[serde(default)]
-    rx: u64,
-    /// Requests sent, by request type.
-    #[serde(default)]
-    req: HashMap<String, u64>,
-}
-
-impl ClientContext for WorkerContext {
-    fn stats_raw(&self, statistics: &[u8]) {
-        let Ok(stats) = serde_json::from_slice::<ClientStats>(statistics) else {
-            log::debug!("unreadable librdkafka statistics");
-            return;
-        };
-        if stats
-            .brokers
-            .values()
-            .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
-        {
-            self.link.up();
-        }
-        let responses: u64 = stats.brokers.values().map(|broker| broker.rx).sum();
-        self.responses_seen.fetch_max(responses, Ordering::Relaxed);
-        let fetches: u64 = stats
-            .brokers
-            .values()
-            .filter_map(|broker| broker.req.get("Fetch"))
-            .sum();
-        // A dropped bootstrap broker takes its count with it: never count
-        // backwards.
-        let seen = self.fetches_seen.fetch_max(fetches, Ordering::Relaxed);
-        self.metrics
-            .add_fetch_requests(fetches.saturating_sub(seen));
-    }
-}
-
-impl ConsumerContext for WorkerContext {}
-
-type WorkerClient = BaseConsumer<WorkerContext>;
-
-/// Every broker connection of a client is down.
-fn is_outage(error: &KafkaError) -> bool {
-    error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
-}
-
-/// One connection failed; librdkafka reconnects with backoff.
-fn is_reconnect(error: &KafkaError) -> bool {
-    error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure)
-}
-
-/// A client that reads one partition from the offsets we keep.
-fn partition_client(
-    config: &ConsumerConfig,
-    link: &Arc<BrokerLink>,
-    metrics: &PartitionMetrics,
-) -> anyhow::Result<WorkerClient> {
-    reading_config(
-        &config.bootstrap_servers,
-        WORKER_GROUP,
-        config.fetch_wait_ms,
-    )
-    .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
-    .create_with_context(WorkerContext {
-        link: link.clone(),
-        metrics: metrics.clone(),
-        fetches_seen: AtomicU64::new(0),
-        responses_seen: AtomicU64::new(0),
-    })
-    .context("creating a Kafka consumer")
-}
-
 /// One partition's worker; [`PartitionWorker::run`] is its thread.
 pub(super) struct PartitionWorker {
     config: ConsumerConfig,
@@ -190,26 +80,43 @@ pub(super) struct PartitionWorker {
     exporter: Sender<Committed>,
     progress: Arc<Progress>,
     metrics: PartitionMetrics,
+    /// For the fetch request counters of the clients this worker creates.
+    all_metrics: Arc<Metrics>,
     shutdown: Shutdown,
-    /// The client reading the partition; replaced on every `ReadFrom`.
-    client: Option<WorkerClient>,
+    /// What reads the partition; replaced on every `ReadFrom` and `Follow`.
+    reader: Option<Reader>,
+    shared: Arc<SharedClient>,
     link: Arc<BrokerLink>,
     errors: LogLimiter,
     bad_input: LogLimiter,
     storage_errors: LogLimiter,
     rereads_deferred: LogLimiter,
+    follow_refused: LogLimiter,
+}
+
+/// What a worker is given besides its partition's state.
+pub(super) struct WorkerSetup {
+    pub(super) config: ConsumerConfig,
+    pub(super) exporter: Sender<Committed>,
+    pub(super) progress: Arc<Progress>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) shared: Arc<SharedClient>,
+    pub(super) link: Arc<BrokerLink>,
+    pub(super) shutdown: Shutdown,
 }
 
 impl PartitionWorker {
-    pub(super) fn new(
-        config: ConsumerConfig,
-        state: PartitionState,
-        exporter: Sender<Committed>,
-        progress: Arc<Progress>,
-        metrics: PartitionMetrics,
-        link: Arc<BrokerLink>,
-        shutdown: Shutdown,
-    ) -> Self {
+    pub(super) fn new(state: PartitionState, setup: WorkerSetup) -> Self {
+        let WorkerSetup {
+            config,
+            exporter,
+            progress,
+            metrics: all_metrics,
+            shared,
+            link,
+            shutdown,
+        } = setup;
+        let metrics = all_metrics.partition(progress.partition);
         let limits = Limits {
             max_batch: config.max_batch,
             batch_timeout: Duration::from_millis(config.batch_timeout_ms),
@@ -223,13 +130,16 @@ impl PartitionWorker {
             state,
             exporter,
             progress,
+            all_metrics,
             shutdown,
-            client: None,
+            reader: None,
+            shared,
             link,
             errors: LogLimiter::new(NOISY_LOG_INTERVAL),
             bad_input: LogLimiter::new(NOISY_LOG_INTERVAL),
             storage_errors: LogLimiter::new(STORAGE_ERROR_LOG_INTERVAL),
             rereads_deferred: LogLimiter::new(REREAD_DEFERRED_LOG_INTERVAL),
+            follow_refused: LogLimiter::new(FOLLOW_REFUSED_LOG_INTERVAL),
         }
     }
 
@@ -242,6 +152,7 @@ impl PartitionWorker {
             &self.config.bootstrap_servers,
             &self.config.topic,
             self.partition(),
+            self.observed(format!("verify-{}", self.partition())),
             &self.shutdown,
         )?;
         let mut last_lag = Instant::now();
@@ -255,11 +166,11 @@ impl PartitionWorker {
             if !self.machine.is_reading() {
                 continue;
             }
-            let Some(client) = self.client.take() else {
+            let Some(reader) = self.reader.take() else {
                 return Err(anyhow!("reading without a client (a bug)"));
             };
-            let end = self.read_batch(&client)?;
-            self.client = Some(client);
+            let end = self.read_batch(&reader)?;
+            self.reader = Some(reader);
             if last_lag.elapsed() >= LAG_INTERVAL {
                 if let Event::BatchEnded {
                     high_watermark: Some(high),
@@ -284,8 +195,9 @@ impl PartitionWorker {
             match action {
                 Action::ReadFrom(offset) => {
                     log::debug!("partition {}: reading from offset {offset}", self.partition());
-                    self.client = Some(self.client_at(offset)?);
+                    self.read_from(offset)?;
                 }
+                Action::Follow => self.follow(),
                 Action::Ask(request) => verifier.ask(request)?,
                 Action::AwaitVerdict => {
                     let Some(outcome) = verifier.wait() else {
@@ -342,7 +254,7 @@ impl PartitionWorker {
                         "partition {}: the broker did not serve offset {wanted} (it served a later one, or nothing while the log goes on); reading again from offset {from}",
                         self.partition()
                     );
-                    self.client = Some(self.client_at(from)?);
+                    self.read_from(from)?;
                 }
                 Action::ReadBackDeferred { wanted, wait } => {
                     if let Some(suppressed) = self.rereads_deferred.allow(Instant::now()) {
@@ -363,28 +275,66 @@ impl PartitionWorker {
         Ok(())
     }
 
-    /// A new client reading this partition from `offset`.
-    fn client_at(&self, offset: Offset) -> anyhow::Result<WorkerClient> {
-        let client = partition_client(&self.config, &self.link, &self.metrics)?;
-        assign(&client, &self.config.topic, self.partition(), offset)
-            .context("assigning the partition")?;
-        Ok(client)
+    /// A context for a new client, counting its fetch requests as `client`.
+    fn observed(&self, client: String) -> Observed {
+        Observed::new(self.link.clone(), self.all_metrics.fetch_requests(&client))
+    }
+
+    /// Reads on from `offset` with a new client of the partition's own.
+    fn read_from(&mut self, offset: Offset) -> anyhow::Result<()> {
+        // The old reader first: a partition followed by the shared client
+        // is unassigned there before its own client starts.
+        self.reader = None;
+        let context = self.observed(format!("partition-{}", self.partition()));
+        self.reader = Some(Reader::Own(own_client(
+            &self.config,
+            self.partition(),
+            offset,
+            context,
+        )?));
+        Ok(())
+    }
+
+    /// Hands the partition to the shared client at its committed offset; if
+    /// that fails, reading goes on with the current client.
+    fn follow(&mut self) {
+        let offset = self.state.snapshot().next_offset;
+        match self.shared.follow(self.partition(), offset) {
+            Ok(followed) => {
+                log::debug!(
+                    "partition {}: at the end of its log; following it with the shared client from offset {offset}",
+                    self.partition()
+                );
+                self.reader = Some(Reader::Shared(followed));
+            }
+            Err(error) => {
+                if let Some(suppressed) = self.follow_refused.allow(Instant::now()) {
+                    log::warn!(
+                        "partition {}: the shared client cannot take it on ({error:#}); reading on with its own client{}",
+                        self.partition(),
+                        suppressed_note(suppressed)
+                    );
+                }
+                self.machine.follow_refused(Instant::now());
+            }
+        }
     }
 
     /// Reads one batch, commits what it counted, and returns how it ended.
-    fn read_batch(&mut self, client: &WorkerClient) -> anyhow::Result<Event> {
+    fn read_batch(&mut self, reader: &Reader) -> anyhow::Result<Event> {
         let partition = self.partition();
         let mut batch = self.machine.batch();
+        let mut got_records = false;
         while batch.wants_more() {
             if batch.clock_due() && batch.clock(Instant::now()) == Flow::Stop {
                 break;
             }
-            let Some(polled) = client.poll(batch.poll_wait()) else {
+            let Some(polled) = reader.poll(batch.poll_wait()) else {
                 break;
             };
             let flow = match polled {
                 Ok(message) => {
-                    self.link.up();
+                    got_records = true;
                     let offset = Message::offset(&message);
                     match batch.offer(message) {
                         Flow::Malformed(reason) => {
@@ -426,6 +376,9 @@ impl PartitionWorker {
                 break;
             }
         }
+        if got_records {
+            self.link.up();
+        }
         let (commit, end) = batch.finish();
         let committed = match commit {
             Some(commit) => {
@@ -451,8 +404,8 @@ impl PartitionWorker {
         Ok(Event::BatchEnded {
             end,
             committed,
-            high_watermark: cached_high_watermark(client, &self.config.topic, partition),
-            broker_responses: client.context().broker_responses(),
+            high_watermark: reader.high_watermark(&self.config.topic, partition),
+            broker_responses: reader.broker_responses(),
         })
     }
 

@@ -1,0 +1,311 @@
+//! The consumer's Kafka clients, and what they tell about the brokers.
+//!
+//! A partition is read in one of two ways ([`Reader`]):
+//! - by a client of its own ([`own_client`]), created afresh at an offset
+//!   whenever the partition has a backlog to catch up on or the worker
+//!   reads again from an offset (after a check, a reset, a re-read): a
+//!   client per partition fetches in parallel, and a fresh one carries no
+//!   stale metadata or stopped fetch from a topic that was re-created;
+//! - by the process's one [`SharedClient`], once it is at the end of its
+//!   log. That client fetches every partition it follows in one request per
+//!   broker and hands each worker its own records through librdkafka's
+//!   per-partition queues, so the requests of idle and paced partitions do
+//!   not grow with their number: on Apache Kafka one long-polling request
+//!   per broker answered when data arrives; on tansu, which holds every
+//!   fetch for the whole `fetch.wait.max.ms`, one request per wait instead
+//!   of one per partition per wait.
+//!
+//! Every client carries an [`Observed`] context: from librdkafka's
+//! statistics (every second) it tells the process's [`BrokerLink`] when a
+//! broker connection is up, counts the fetch requests the client sent into
+//! `weatherstream_fetch_requests_total`, and keeps the count of broker
+//! responses that the silence rule of the machine asks for.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use prometheus::IntCounter;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
+
+use super::ConsumerConfig;
+use crate::broker_link::BrokerLink;
+use crate::kafka::{assign, cached_high_watermark, reading_config, Offset, PartitionId};
+use crate::log_limit::{suppressed_note, LogLimiter};
+
+/// How often a client reports its statistics: the source of "broker
+/// reachable again" for a partition that receives nothing, and of the
+/// fetch request count.
+pub(super) const CLIENT_STATS_INTERVAL_MS: &str = "1000";
+/// The consumer group name of the partition clients (joined by no one:
+/// manual assignment).
+const READER_GROUP: &str = "weatherstream-consumer";
+/// How often the shared client's own queue (statistics, client-wide
+/// errors) is served.
+const SHARED_POLL_WAIT: Duration = Duration::from_millis(100);
+/// Client-wide errors of the shared client: one line per this.
+const SHARED_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The context of every client of the consumer; see the module comment.
+pub(crate) struct Observed {
+    link: Arc<BrokerLink>,
+    fetch_requests: IntCounter,
+    /// Fetch requests this client had sent at its last statistics.
+    fetches_seen: AtomicU64,
+    /// Responses this client had received from brokers at its last
+    /// statistics.
+    responses_seen: AtomicU64,
+}
+
+impl Observed {
+    pub(crate) fn new(link: Arc<BrokerLink>, fetch_requests: IntCounter) -> Self {
+        Observed {
+            link,
+            fetch_requests,
+            fetches_seen: AtomicU64::new(0),
+            responses_seen: AtomicU64::new(0),
+        }
+    }
+
+    /// Responses received from brokers, as of the last statistics.
+    fn broker_responses(&self) -> u64 {
+        self.responses_seen.load(Ordering::Relaxed)
+    }
+}
+
+/// The part of librdkafka's statistics JSON read here (STATISTICS.md).
+#[derive(serde::Deserialize)]
+struct ClientStats {
+    #[serde(default)]
+    brokers: HashMap<String, BrokerStats>,
+}
+
+#[derive(serde::Deserialize)]
+struct BrokerStats {
+    /// -1 for a bootstrap broker, which is dropped once the cluster's own
+    /// brokers are known.
+    nodeid: i32,
+    state: String,
+    /// Responses received.
+    #[serde(default)]
+    rx: u64,
+    /// Requests sent, by request type.
+    #[serde(default)]
+    req: HashMap<String, u64>,
+}
+
+impl ClientContext for Observed {
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<ClientStats>(statistics) else {
+            log::debug!("unreadable librdkafka statistics");
+            return;
+        };
+        if stats
+            .brokers
+            .values()
+            .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
+        {
+            self.link.connected();
+        }
+        let responses: u64 = stats.brokers.values().map(|broker| broker.rx).sum();
+        self.responses_seen.fetch_max(responses, Ordering::Relaxed);
+        let fetches: u64 = stats
+            .brokers
+            .values()
+            .filter_map(|broker| broker.req.get("Fetch"))
+            .sum();
+        // A dropped bootstrap broker takes its count with it: never count
+        // backwards.
+        let seen = self.fetches_seen.fetch_max(fetches, Ordering::Relaxed);
+        self.fetch_requests.inc_by(fetches.saturating_sub(seen));
+    }
+}
+
+impl ConsumerContext for Observed {}
+
+pub(super) type Client = BaseConsumer<Observed>;
+
+/// Every broker connection of a client is down.
+pub(super) fn is_outage(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+}
+
+/// One connection failed; librdkafka reconnects with backoff.
+pub(super) fn is_reconnect(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure)
+}
+
+/// A client of the partition's own, reading it from `offset`.
+pub(super) fn own_client(
+    config: &ConsumerConfig,
+    partition: PartitionId,
+    offset: Offset,
+    context: Observed,
+) -> anyhow::Result<Client> {
+    let client: Client = reading_config(
+        &config.bootstrap_servers,
+        READER_GROUP,
+        config.fetch_wait_ms,
+    )
+    .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
+    .create_with_context(context)
+    .context("creating a Kafka consumer")?;
+    assign(&client, &config.topic, partition, offset).context("assigning the partition")?;
+    Ok(client)
+}
+
+/// The process's shared client: see the module comment. Its own queue
+/// (statistics, client-wide errors) is served by thread `kafka-shared`;
+/// each followed partition's records go to that partition's worker.
+pub(super) struct SharedClient {
+    consumer: Arc<Client>,
+    topic: String,
+    stop: Arc<AtomicBool>,
+    poller: Option<JoinHandle<()>>,
+}
+
+impl SharedClient {
+    pub(super) fn start(config: &ConsumerConfig, context: Observed) -> anyhow::Result<Arc<Self>> {
+        let consumer: Arc<Client> = Arc::new(
+            reading_config(
+                &config.bootstrap_servers,
+                READER_GROUP,
+                config.fetch_wait_ms,
+            )
+            .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
+            .create_with_context(context)
+            .context("creating the shared Kafka consumer")?,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = {
+            let (consumer, stop) = (consumer.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("kafka-shared".into())
+                .spawn(move || serve_own_queue(&consumer, &stop))
+                .context("starting the shared client's thread")?
+        };
+        Ok(Arc::new(SharedClient {
+            consumer,
+            topic: config.topic.clone(),
+            stop,
+            poller: Some(poller),
+        }))
+    }
+
+    /// Starts following `partition` from `offset`. Its queue is split off
+    /// before the partition is assigned, so that none of its records can
+    /// reach the client's own queue (librdkafka keeps a queue split by the
+    /// application split across assignments).
+    pub(super) fn follow(
+        self: &Arc<Self>,
+        partition: PartitionId,
+        offset: Offset,
+    ) -> anyhow::Result<Followed> {
+        let queue = self
+            .consumer
+            .split_partition_queue(&self.topic, partition)
+            .ok_or_else(|| anyhow!("no queue for partition {partition}"))?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.topic, partition, KafkaOffset::Offset(offset))?;
+        self.consumer
+            .incremental_assign(&list)
+            .context("assigning the partition to the shared client")?;
+        Ok(Followed {
+            queue,
+            shared: self.clone(),
+            partition,
+        })
+    }
+}
+
+impl Drop for SharedClient {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
+        }
+    }
+}
+
+/// Serves the shared client's own queue until `stop`: statistics arrive
+/// through it, and errors that concern no one partition.
+fn serve_own_queue(consumer: &Client, stop: &AtomicBool) {
+    let mut errors = LogLimiter::new(SHARED_ERROR_LOG_INTERVAL);
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(SHARED_POLL_WAIT) {
+            None => {}
+            // Only a queue that was not split yet can end up here; the
+            // worker reads its partition from its committed offset anyway.
+            Some(Ok(_)) => log::debug!("shared client: a record outside any partition queue"),
+            Some(Err(error)) if is_outage(&error) => consumer.context().link.down(&error),
+            Some(Err(error)) if is_reconnect(&error) => log::debug!("shared client: {error}"),
+            Some(Err(error)) => {
+                if let Some(suppressed) = errors.allow(Instant::now()) {
+                    log::warn!("shared client: {error}{}", suppressed_note(suppressed));
+                }
+            }
+        }
+    }
+}
+
+/// A partition followed by the shared client; dropping it unassigns the
+/// partition there.
+pub(super) struct Followed {
+    queue: PartitionQueue<Observed>,
+    shared: Arc<SharedClient>,
+    partition: PartitionId,
+}
+
+impl Drop for Followed {
+    fn drop(&mut self) {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.shared.topic, self.partition);
+        if let Err(error) = self.shared.consumer.incremental_unassign(&list) {
+            log::debug!(
+                "partition {}: unassigning it from the shared client: {error}",
+                self.partition
+            );
+        }
+    }
+}
+
+/// Where a worker reads its partition from: see the module comment.
+pub(super) enum Reader {
+    Own(Client),
+    Shared(Followed),
+}
+
+impl Reader {
+    pub(super) fn poll(&self, timeout: Duration) -> Option<KafkaResult<BorrowedMessage<'_>>> {
+        match self {
+            Reader::Own(client) => client.poll(timeout),
+            Reader::Shared(followed) => followed.queue.poll(timeout),
+        }
+    }
+
+    fn client(&self) -> &Client {
+        match self {
+            Reader::Own(client) => client,
+            Reader::Shared(followed) => &followed.shared.consumer,
+        }
+    }
+
+    /// The end of the partition's log, as the client last heard it.
+    pub(super) fn high_watermark(&self, topic: &str, partition: PartitionId) -> Option<Offset> {
+        cached_high_watermark(self.client(), topic, partition)
+    }
+
+    /// Responses the client has received from brokers (0 until its first
+    /// statistics).
+    pub(super) fn broker_responses(&self) -> u64 {
+        self.client().context().broker_responses()
+    }
+}
