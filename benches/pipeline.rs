@@ -24,9 +24,11 @@
 //!
 //! Sizes: BENCH_REPORTS (default 1,000,000), BENCH_FRESHNESS_SECS (60),
 //! BENCH_SOAK_SECS (600), BENCH_SOAK_DELAY (0.01 s per day, ten times the
-//! assignment's pace), BENCH_SOAK_SAMPLE_SECS (30).
+//! assignment's pace), BENCH_SOAK_SAMPLE_SECS (30), BENCH_SOAK_STORAGE
+//! (sqlite, whose fetch cost does not grow with the log; or memory).
 //! The broker: tansu started here (as the tests start it), or
-//! KAFKA_BOOTSTRAP_SERVERS.
+//! KAFKA_BOOTSTRAP_SERVERS; TANSU_FETCH_WAIT_MS replaces the consumer's
+//! fetch wait for tansu (15 ms) everywhere.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -578,7 +580,7 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
                 .set("group.id", "bench-fresh")
                 // The consumer's setting here: tansu answers a waiting fetch
                 // only when this expires.
-                .set("fetch.wait.max.ms", TANSU_FETCH_WAIT_MS)
+                .set("fetch.wait.max.ms", tansu_fetch_wait_ms())
                 .create()
                 .unwrap();
             c.assign(&all_partitions(&topic, rdkafka::Offset::Offset(0)))
@@ -683,8 +685,7 @@ fn bench_soak() {
     let sample_every = Duration::from_secs(env_number("BENCH_SOAK_SAMPLE_SECS", 30));
     let delay = std::env::var("BENCH_SOAK_DELAY").unwrap_or_else(|_| "0.01".into());
     // The consumer's wait for tansu (which holds an empty fetch that long).
-    let fetch_wait_ms =
-        std::env::var("BENCH_SOAK_FETCH_WAIT_MS").unwrap_or_else(|_| TANSU_FETCH_WAIT_MS.into());
+    let fetch_wait_ms = tansu_fetch_wait_ms();
     println!(
         "\n== soak: {seconds} s, producer --delay {delay}, consumer 0 1 2 3, sampled every {} s ==",
         sample_every.as_secs()

@@ -45,6 +45,30 @@ pub fn init_logging() {
         .init();
 }
 
+/// Arenas glibc's malloc may use; see [`limit_malloc_arenas`].
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_ARENAS: libc::c_int = 4;
+
+/// glibc's malloc gives every thread that meets contention an arena of its
+/// own, up to 8 per core, and each arena keeps what its threads freed. A
+/// consumer runs dozens of threads (librdkafka's among them), so that is
+/// memory held for nothing: a 1M-report catch-up peaked at 61-70 MiB with
+/// glibc's default and at 57-61 MiB with 4 arenas, at the same speed.
+/// `MALLOC_ARENA_MAX` in the environment still decides. Call it first
+/// thing in `main`, before any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets one of malloc's tuning parameters; it
+        // is called before any other thread exists, touches no memory of
+        // ours, and an unsupported value only makes it return 0.
+        #[allow(unsafe_code)] // No safe wrapper exists for mallopt.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
+}
+
 /// Prints `error: ...: cause: cause` on one line and exits 1 on error.
 pub fn finish(program: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {

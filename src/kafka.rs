@@ -127,6 +127,15 @@ pub(crate) fn manual_assign_config(bootstrap_servers: &str, group: &str) -> Clie
     config
 }
 
+/// Longest fetch wait of a client that reads records known to be there: a
+/// partition's own client while it catches up or reads again, `consumer
+/// verify`. Apache Kafka answers such a fetch at once, so there the wait
+/// never applies (and the partition moves to the shared client when it
+/// runs dry). This cap exists for tansu 0.6, which holds every fetch for
+/// the whole wait, records or not: a longer wait would slow every read of
+/// a backlog there (catch-up 22% slower at 15 ms than at 5 ms).
+pub(crate) const BACKLOG_FETCH_WAIT_MS: u64 = 5;
+
 /// [`manual_assign_config`] for reading a partition through at full speed
 /// (the partition workers, `consumer verify`); `fetch_wait_ms` is the
 /// longest the broker may hold a fetch that finds nothing new.
@@ -142,9 +151,12 @@ pub(crate) fn reading_config(
         // empty fetches.
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         // The rest is right for any broker. librdkafka prefetches up to
-        // 100,000 messages per partition by default; one batch
-        // (--max-batch, 10,000) per partition is enough.
-        .set("queued.min.messages", "10000")
+        // 100,000 messages per partition by default, and fetches again
+        // whenever fewer than this are queued; a response (fetch.max.bytes
+        // below, ~14,000 reports) comes on top, so 3,000 keeps a worker fed
+        // (catch-up as fast as with 10,000) with a third of the queue:
+        // peak RSS of a 1M-report catch-up 55-60 MiB instead of 60-70.
+        .set("queued.min.messages", "3000")
         .set("queued.max.messages.kbytes", "2048")
         // When the prefetch queue is over those limits librdkafka waits
         // this long before fetching again (default 1 s): a reader empties
@@ -189,7 +201,7 @@ pub(crate) fn cached_high_watermark<C: ConsumerContext>(
     // SAFETY: the client pointer is valid while `consumer` lives; the topic
     // is a NUL-terminated string that outlives the call; low and high are
     // valid out-pointers. The function only reads librdkafka's cache.
-    #[allow(unsafe_code)] // The one FFI call of the crate: rdkafka has no safe wrapper for it.
+    #[allow(unsafe_code)] // rdkafka has no safe wrapper for it.
     let code = unsafe {
         rdkafka_sys::rd_kafka_get_watermark_offsets(
             consumer.client().native_ptr(),

@@ -17,7 +17,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 
 use crate::aggregate::{Aggregates, BatchFold, MonthYear};
-use crate::kafka::{assign, reading_config, Offset, PartitionId, TopicAdmin};
+use crate::kafka::{
+    assign, reading_config, Offset, PartitionId, TopicAdmin, BACKLOG_FETCH_WAIT_MS,
+};
 use crate::published::{parse_partition_json, partition_file, PublishedPartition};
 use crate::report::{month_name, DateText, Validator};
 use crate::state::{self, Fingerprint, PartitionState, StateError};
@@ -43,10 +45,6 @@ pub struct VerifyConfig {
     pub state_dir: PathBuf,
     /// Empty: every partition that has a state or a published file.
     pub partitions: Vec<PartitionId>,
-    /// As the consumer's `--fetch-wait-ms`: brokers that hold an empty
-    /// fetch for the whole wait (tansu) read at a fraction of their speed
-    /// with Apache Kafka's default.
-    pub fetch_wait_ms: u64,
 }
 
 /// Where the statistics to check come from.
@@ -443,10 +441,11 @@ fn recount(config: &VerifyConfig, claim: &Claim) -> Result<(Aggregates, u64), St
         return Ok((Aggregates::new(), 0));
     }
     let partition = claim.partition;
+    // It reads records that are there (up to the state's offset).
     let consumer: BaseConsumer = reading_config(
         &config.bootstrap_servers,
         VERIFY_GROUP,
-        config.fetch_wait_ms,
+        BACKLOG_FETCH_WAIT_MS,
     )
     .create()
     .map_err(|e| format!("creating a Kafka consumer: {e}"))?;

@@ -52,8 +52,8 @@ impl Folders {
 struct FetchWait {
     /// Longest the broker may hold a fetch that finds nothing new,
     /// milliseconds. Apache Kafka answers as soon as a report arrives, so the
-    /// default only sets how often an idle partition asks; brokers that hold
-    /// an empty fetch for the whole wait (tansu) need a few milliseconds
+    /// default only sets how often an idle consumer asks; brokers that hold
+    /// every fetch for the whole wait (tansu) need a few milliseconds
     #[arg(long, env = "CONSUMER_FETCH_WAIT_MS", default_value_t = consumer::DEFAULT_FETCH_WAIT_MS,
           value_parser = clap::value_parser!(u64).range(1..=300_000))]
     fetch_wait_ms: u64,
@@ -106,8 +106,6 @@ enum Command {
         connection: cli::Connection,
         #[command(flatten)]
         folders: Folders,
-        #[command(flatten)]
-        fetch: FetchWait,
     },
     /// Show what the state holds, per partition
     InspectState {
@@ -123,6 +121,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    cli::limit_malloc_arenas();
     let cli = Cli::parse();
     cli::init_logging();
     let result = match cli.command {
@@ -135,7 +134,6 @@ fn main() -> ExitCode {
             partitions,
             connection,
             folders,
-            fetch,
         }) => {
             let config = VerifyConfig {
                 bootstrap_servers: connection.bootstrap_servers,
@@ -143,7 +141,6 @@ fn main() -> ExitCode {
                 files_dir: folders.files_dir.clone(),
                 state_dir: folders.state_dir(),
                 partitions,
-                fetch_wait_ms: fetch.fetch_wait_ms,
             };
             match recount::run(&config, &mut std::io::stdout().lock()) {
                 Ok(true) => Ok(()),

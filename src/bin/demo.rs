@@ -44,6 +44,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    cli::limit_malloc_arenas();
     let args = Args::parse();
     cli::init_logging();
     let config = DemoConfig {

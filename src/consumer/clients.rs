@@ -38,7 +38,9 @@ use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
 
 use super::ConsumerConfig;
 use crate::broker_link::BrokerLink;
-use crate::kafka::{assign, cached_high_watermark, reading_config, Offset, PartitionId};
+use crate::kafka::{
+    assign, cached_high_watermark, reading_config, Offset, PartitionId, BACKLOG_FETCH_WAIT_MS,
+};
 use crate::log_limit::{suppressed_note, LogLimiter};
 
 /// How often a client reports its statistics: the source of "broker
@@ -143,7 +145,8 @@ pub(super) fn is_reconnect(error: &KafkaError) -> bool {
     error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure)
 }
 
-/// A client of the partition's own, reading it from `offset`.
+/// A client of the partition's own, reading it from `offset`. It reads a
+/// backlog, so it waits at most [`BACKLOG_FETCH_WAIT_MS`] for a fetch.
 pub(super) fn own_client(
     config: &ConsumerConfig,
     partition: PartitionId,
@@ -153,7 +156,7 @@ pub(super) fn own_client(
     let client: Client = reading_config(
         &config.bootstrap_servers,
         READER_GROUP,
-        config.fetch_wait_ms,
+        config.fetch_wait_ms.min(BACKLOG_FETCH_WAIT_MS),
     )
     .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
     .create_with_context(context)
