@@ -190,19 +190,30 @@ fn sample(body: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// 500 records produced, and a consumer of all partitions serving metrics
+/// that has published them: the records, the consumer and its address.
+fn caught_up_with_metrics(
+    broker: &Broker,
+    topic: &str,
+    files: &Path,
+) -> (Vec<Record>, Running, String) {
+    let records = produce_and_read(broker, topic, 500, 25);
+    let mut cmd = broker.consumer_cmd(topic);
+    cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])
+        .arg(files)
+        .args(["0", "1", "2", "3"]);
+    let consumer = Running::spawn(cmd);
+    let address = consumer.listening_address();
+    wait_for_records(files, &records, Duration::from_secs(60));
+    (records, consumer, address)
+}
+
 #[test]
 fn metrics_are_scraped_during_a_run_and_match_what_was_produced() {
     let broker = Broker::start();
     let topic = unique_topic("metrics");
     let files = tempfile::tempdir().unwrap();
-    let records = produce_and_read(&broker, &topic, 500, 25);
-    let mut cmd = broker.consumer_cmd(&topic);
-    cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])
-        .arg(files.path())
-        .args(["0", "1", "2", "3"]);
-    let mut consumer = Running::spawn(cmd);
-    let address = consumer.listening_address();
-    wait_for_records(files.path(), &records, Duration::from_secs(60));
+    let (records, mut consumer, address) = caught_up_with_metrics(&broker, &topic, files.path());
     let ends = end_offsets(&records);
     let expected = recompute(&records);
     let counted: u64 = expected
@@ -293,6 +304,86 @@ fn metrics_are_scraped_during_a_run_and_match_what_was_produced() {
     assert_eq!(status, 404);
     let (status, _) = http_get(&address, "/metrics/../state");
     assert_eq!(status, 404);
+    assert!(consumer.terminate().success());
+}
+
+/// Every `weatherstream_fetch_requests_total` series, by client.
+fn fetch_requests(address: &str) -> Vec<(String, f64)> {
+    http_get(address, "/metrics")
+        .1
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("weatherstream_fetch_requests_total{client=\"")?;
+            let (client, value) = rest.split_once("\"} ")?;
+            Some((client.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn requests_of(series: &[(String, f64)], client: &str) -> f64 {
+    series
+        .iter()
+        .find(|(c, _)| c == client)
+        .map_or(0.0, |(_, v)| *v)
+}
+
+#[test]
+fn an_idle_consumer_fetches_with_one_shared_client_and_checks_nothing() {
+    let broker = Broker::start();
+    let topic = unique_topic("idle-load");
+    let files = tempfile::tempdir().unwrap();
+    let (_, mut consumer, address) = caught_up_with_metrics(&broker, &topic, files.path());
+    // Idle: once the checks of what was counted are done, no client but the
+    // shared one fetches. Routine checks run every 5 s, so quiet for longer
+    // than that means they stopped (librdkafka's statistics come every 1 s).
+    let others = |series: &[(String, f64)]| -> Vec<(String, f64)> {
+        series
+            .iter()
+            .filter(|(c, _)| c != "shared")
+            .cloned()
+            .collect()
+    };
+    let mut quiet_since = (std::time::Instant::now(), others(&fetch_requests(&address)));
+    wait_until(
+        "every client but the shared one to stop fetching for 7 s",
+        Duration::from_secs(60),
+        || {
+            let now = others(&fetch_requests(&address));
+            if now != quiet_since.1 {
+                quiet_since = (std::time::Instant::now(), now);
+            }
+            quiet_since.0.elapsed() >= Duration::from_secs(7)
+        },
+    );
+    let before = fetch_requests(&address);
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window); // a measurement window, not a wait for an event
+    let after = fetch_requests(&address);
+    assert_eq!(
+        others(&before),
+        others(&after),
+        "clients other than the shared one fetched"
+    );
+    for p in ALL {
+        assert!(
+            after.iter().any(|(c, _)| *c == format!("verify-{p}")),
+            "partition {p}'s verifier is not counted: {after:?}"
+        );
+    }
+    // One long-polling fetch per fetch wait (tansu holds each that long; a
+    // Kafka broker answers an idle one when it expires), with slack for
+    // scheduling: one client per partition would be four times this.
+    let wait_ms: f64 = broker
+        .fetch_wait_args()
+        .get(1)
+        .map_or(500.0, |w| w.parse().unwrap());
+    let per_second =
+        (requests_of(&after, "shared") - requests_of(&before, "shared")) / window.as_secs_f64();
+    let bound = 2.0 * 1000.0 / wait_ms;
+    assert!(
+        per_second > 0.0 && per_second <= bound,
+        "shared client: {per_second:.1} fetch requests/s idle, expected at most {bound:.1}"
+    );
     assert!(consumer.terminate().success());
 }
 

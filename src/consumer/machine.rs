@@ -16,7 +16,8 @@
 //!   verifier has compared stored fingerprints with the topic. "Gone" resets
 //!   the partition to offset 0, with one warning; "undecided" asks again and
 //!   never resets. A routine check also runs beside reading every
-//!   `verify_interval`.
+//!   `verify_interval` while records are counted (not while idle: a
+//!   re-created topic shows at the next fetch).
 //! - A partition at the end of its log is read by the process's shared
 //!   client ([`Action::Follow`]), which fetches all such partitions in one
 //!   request; a backlog, and every read from a given offset, by a fresh
@@ -91,7 +92,7 @@ pub(crate) struct Limits {
     pub(crate) max_batch: usize,
     /// Longest a batch keeps collecting once it has a record.
     pub(crate) batch_timeout: Duration,
-    /// How often a routine check runs beside reading.
+    /// How often a routine check runs beside reading, while it counts.
     pub(crate) verify_interval: Duration,
 }
 
@@ -349,6 +350,12 @@ pub(crate) struct PartitionMachine {
     /// A routine check is with the verifier while reading goes on.
     routine_asked: bool,
     last_check: Instant,
+    /// The last counted record as of the last check that found it in the
+    /// topic: while it is still the last one, an idle partition is not
+    /// checked again (its broker load follows its data, not the clock). A
+    /// re-created topic shows at the next fetch (an error, or records that
+    /// get counted and so checked).
+    verified_last: Option<Fingerprint>,
     /// Records up to here passed a check: an older report there is counted
     /// by the usual rules instead of raising the question again.
     cleared_through: Option<Offset>,
@@ -383,6 +390,7 @@ impl PartitionMachine {
             },
             routine_asked: false,
             last_check: now,
+            verified_last: None,
             cleared_through: None,
             silence_answers: None,
             following: false,
@@ -487,6 +495,8 @@ impl PartitionMachine {
             Phase::Reading => {
                 if self.routine_asked
                     || now.saturating_duration_since(self.last_check) < self.limits.verify_interval
+                    || (self.committed.last_record.is_some()
+                        && self.committed.last_record == self.verified_last)
                 {
                     return Vec::new();
                 }
@@ -518,6 +528,7 @@ impl PartitionMachine {
             CheckOutcome::Gone { offset } => {
                 // A reset clears everything learnt about the old topic.
                 self.cleared_through = None;
+                self.verified_last = None;
                 self.rereads = Rereads::default();
                 self.phase = Phase::Reading;
                 self.last_check = now;
@@ -530,6 +541,9 @@ impl PartitionMachine {
                 ]
             }
             CheckOutcome::Current { anchor } => {
+                if anchor.is_some() {
+                    self.verified_last = anchor;
+                }
                 let mut actions: Vec<Action> = anchor.map(Action::SetAnchor).into_iter().collect();
                 if ours {
                     actions.extend(self.release(now));
@@ -1587,10 +1601,15 @@ mod tests {
         });
         assert_eq!(actions, [Action::SetAnchor(anchor)]);
         harness.later(LIMITS.verify_interval);
+        assert_eq!(harness.tick(), [], "nothing counted since: no check");
+        harness.read(reports(3, 5), Some(5));
         assert!(matches!(harness.tick()[..], [Action::Ask(_)]));
         assert_eq!(harness.verdict(CheckOutcome::Undecided), []);
         harness.later(LIMITS.verify_interval);
-        assert!(matches!(harness.tick()[..], [Action::Ask(_)]));
+        assert!(
+            matches!(harness.tick()[..], [Action::Ask(_)]),
+            "not verified yet"
+        );
         let actions = harness.verdict(CheckOutcome::Gone { offset: 2 });
         assert_eq!(resets(&actions), 1);
         let Action::Reset { noticed_by, .. } = &actions[0] else {
