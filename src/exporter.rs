@@ -43,26 +43,32 @@ const PUBLISH_COST_FACTOR: u32 = 40;
 /// The longest a partition's newest snapshot waits for its publish.
 const MAX_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// A partition that is not behind waits this many times the CPU time its
-/// last publish took: a publish rewrites the whole history, so with
-/// centuries of it (an hour at ten times the assignment's pace) publishing
-/// every commit would make the exporter's work grow with the history. This
-/// keeps it under 1% of a core per partition; a young partition's publish
-/// takes well under 0.25 ms of CPU, and keeps the minimum interval. CPU
-/// time, not wall time: a slow fsync costs no CPU, and must not delay the
-/// next publish.
+/// publishes take: a publish rewrites the whole history, so with centuries
+/// of it (an hour at ten times the assignment's pace) publishing every
+/// commit would make the exporter's work grow with the history. This keeps
+/// it under 1% of a core per partition. A young partition's publish takes
+/// 0.3-0.6 ms of CPU, so 30-60 ms apart: less than the 100 ms between
+/// reports at the assignment's pace. CPU time, not wall time: a slow fsync
+/// costs no CPU, and must not delay the next publish.
 const CAUGHT_UP_CPU_FACTOR: u32 = 100;
 
-/// When a partition may publish again after a publish that took `cost`.
-fn publish_interval(cost: Duration) -> Duration {
-    cost.saturating_mul(PUBLISH_COST_FACTOR)
+/// When a partition may publish again: `factor` times what its last
+/// publish cost, within the minimum and maximum intervals.
+fn spaced_by(cost: Duration, factor: u32) -> Duration {
+    cost.saturating_mul(factor)
         .clamp(MIN_PUBLISH_INTERVAL, MAX_PUBLISH_INTERVAL)
 }
 
-/// When a partition that is not behind may publish again after a publish
-/// that took `cpu` of the exporter thread's CPU time.
-fn caught_up_interval(cpu: Duration) -> Duration {
-    cpu.saturating_mul(CAUGHT_UP_CPU_FACTOR)
-        .clamp(MIN_PUBLISH_INTERVAL, MAX_PUBLISH_INTERVAL)
+/// What a partition's last publish took, and when it ended.
+#[derive(Clone, Copy, Debug)]
+struct LastPublish {
+    ended: Instant,
+    /// Wall time: render, write, fsyncs, rename.
+    took: Duration,
+    /// The exporter thread's CPU time per publish, a moving average: one
+    /// publish that met a page-fault storm or reclaim must not hold the
+    /// next one for long.
+    cpu_average: Duration,
 }
 
 /// CPU time the calling thread has used, where the platform tells.
@@ -168,10 +174,7 @@ struct ExportLoop {
     published: BTreeMap<PartitionId, (u64, Offset)>,
     /// Snapshots waiting to be written, each with when it may be.
     pending: BTreeMap<PartitionId, (Arc<Snapshot>, Instant)>,
-    /// When each partition's last publish ended, and what it took.
-    /// When each partition's last publish ended, and what it took: wall
-    /// time, and the exporter thread's CPU time (a moving average).
-    last_publish: BTreeMap<PartitionId, (Instant, Duration, Duration)>,
+    last_publish: BTreeMap<PartitionId, LastPublish>,
     /// What the chart needs of each partition published here.
     chart_inputs: BTreeMap<PartitionId, ChartInput>,
     chart: ChartRenderer,
@@ -251,8 +254,8 @@ impl ExportLoop {
         }
         let mut due = match self.last_publish.get(&partition) {
             None => Instant::now(),
-            Some(&(ended, cost, _)) if backlog => ended + publish_interval(cost),
-            Some(&(ended, _, cpu)) => ended + caught_up_interval(cpu),
+            Some(last) if backlog => last.ended + spaced_by(last.took, PUBLISH_COST_FACTOR),
+            Some(last) => last.ended + spaced_by(last.cpu_average, CAUGHT_UP_CPU_FACTOR),
         };
         if let Some((queued, queued_due)) = self.pending.get(&partition) {
             if !newer(&snapshot, (queued.epoch, queued.next_offset)) {
@@ -284,16 +287,20 @@ impl ExportLoop {
                     let cpu = thread_cpu_time()
                         .zip(cpu_started)
                         .map_or(took, |(end, start)| end.saturating_sub(start));
-                    // A moving average: one publish that met a page fault
-                    // storm or reclaim must not hold the next one for long.
-                    let cpu = match self.last_publish.get(&partition) {
-                        Some(&(_, _, average)) => (average * 7 + cpu) / 8,
-                        None => cpu,
-                    };
+                    let cpu_average = self
+                        .last_publish
+                        .get(&partition)
+                        .map_or(cpu, |last| (last.cpu_average * 7 + cpu) / 8);
                     self.published
                         .insert(partition, (snapshot.epoch, snapshot.next_offset));
-                    self.last_publish
-                        .insert(partition, (Instant::now(), took, cpu));
+                    self.last_publish.insert(
+                        partition,
+                        LastPublish {
+                            ended: Instant::now(),
+                            took,
+                            cpu_average,
+                        },
+                    );
                     if let Some(metrics) = &self.metrics {
                         self.partition_metrics
                             .entry(partition)
@@ -384,15 +391,15 @@ mod tests {
     #[test]
     fn publishes_are_spaced_by_their_cost_and_when_caught_up_by_their_cpu_time() {
         assert_eq!(
-            publish_interval(Duration::from_micros(300)),
+            spaced_by(Duration::from_micros(300), PUBLISH_COST_FACTOR),
             MIN_PUBLISH_INTERVAL
         );
         assert_eq!(
-            publish_interval(Duration::from_millis(5)),
+            spaced_by(Duration::from_millis(5), PUBLISH_COST_FACTOR),
             Duration::from_millis(200)
         );
         assert_eq!(
-            publish_interval(Duration::from_secs(2)),
+            spaced_by(Duration::from_secs(2), PUBLISH_COST_FACTOR),
             MAX_PUBLISH_INTERVAL
         );
 
@@ -403,7 +410,11 @@ mod tests {
         let ended = Instant::now();
         exporter.last_publish.insert(
             0,
-            (ended, Duration::from_millis(5), Duration::from_micros(100)),
+            LastPublish {
+                ended,
+                took: Duration::from_millis(5),
+                cpu_average: Duration::from_micros(100),
+            },
         );
         exporter.accept(Committed {
             snapshot: snap(1),
@@ -425,7 +436,11 @@ mod tests {
         exporter.pending.clear();
         exporter.last_publish.insert(
             0,
-            (ended, Duration::from_millis(3), Duration::from_millis(2)),
+            LastPublish {
+                ended,
+                took: Duration::from_millis(3),
+                cpu_average: Duration::from_millis(2),
+            },
         );
         exporter.accept(Committed::current(snap(4)));
         assert_eq!(exporter.pending[&0].1, ended + Duration::from_millis(200));
