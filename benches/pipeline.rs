@@ -333,7 +333,7 @@ fn bench_producer(broker: &Broker, reports: u64) -> String {
 fn producer_ours(broker: &Broker, days: u64) -> (String, f64, f64) {
     let topic = unique_topic("bench-producer");
     let config = ProducerConfig {
-        bootstrap_servers: broker.bootstrap.clone(),
+        client: weatherstream::kafka::ClientSettings::plaintext(&broker.bootstrap),
         topic: topic.clone(),
         partitions: 4,
         replication_factor: 1,
@@ -359,12 +359,16 @@ fn producer_raw(broker: &Broker, reports: u64) -> (f64, f64) {
     let raw_topic = unique_topic("bench-raw");
     let cpu = own_cpu_seconds();
     let started = Instant::now();
-    TopicAdmin::connect(&broker.bootstrap)
-        .unwrap()
-        .recreate_topic(&raw_topic, 4, 1)
-        .unwrap();
+    TopicAdmin::connect(&weatherstream::kafka::ClientSettings::plaintext(
+        &broker.bootstrap,
+    ))
+    .unwrap()
+    .recreate_topic(&raw_topic, 4, 1)
+    .unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> = production_settings(
-        &mut weatherstream::kafka::client_config(&broker.bootstrap),
+        &mut weatherstream::kafka::client_config(&weatherstream::kafka::ClientSettings::plaintext(
+            &broker.bootstrap,
+        )),
         Duration::ZERO,
     )
     .create()
@@ -553,10 +557,12 @@ fn summary(name: &str, mut ms: Vec<f64>) -> (f64, f64) {
 fn bench_freshness(broker: &Broker, seconds: u64) {
     println!("\n== freshness: {seconds} s at 0.1 s per day ==");
     let topic = unique_topic("bench-fresh");
-    TopicAdmin::connect(&broker.bootstrap)
-        .unwrap()
-        .recreate_topic(&topic, 4, 1)
-        .unwrap();
+    TopicAdmin::connect(&weatherstream::kafka::ClientSettings::plaintext(
+        &broker.bootstrap,
+    ))
+    .unwrap()
+    .recreate_topic(&topic, 4, 1)
+    .unwrap();
     let files = tempfile::tempdir().unwrap();
     let mut consumer = start_consumer(broker, &topic, files.path(), &[0, 1, 2, 3]);
     wait_until(
@@ -625,8 +631,12 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
             }
         })
     };
-    let mut sender =
-        ReportSender::new(&broker.bootstrap, &topic, Duration::from_millis(100)).unwrap();
+    let mut sender = ReportSender::new(
+        &weatherstream::kafka::ClientSettings::plaintext(&broker.bootstrap),
+        &topic,
+        Duration::from_millis(100),
+    )
+    .unwrap();
     let mut sent: BTreeMap<NaiveDate, Instant> = BTreeMap::new();
     let started = Instant::now();
     let mut next = Instant::now();

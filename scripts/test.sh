@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: installs the test broker (tansu) and the
-# browser of the dashboard test (Chromium) if this machine does not have
+# browser of the dashboard test (Chromium), and stunnel and openssl for the
+# TLS and SASL tests, if this machine does not have
 # them yet, then checks formatting and lints and runs every test.
 # Integration tests start their own brokers on free loopback ports, or use
 # KAFKA_BOOTSTRAP_SERVERS when it is set.
@@ -12,6 +13,8 @@ export TANSU_BIN
 echo "test broker: $TANSU_BIN ($("$TANSU_BIN" --version))"
 scripts/install-browser.sh
 echo "test browser: $(chromedriver --version)"
+scripts/install-tls-tools.sh
+echo "TLS tools: $(stunnel -version 2>&1 | grep -m1 '^stunnel'), $(openssl version)"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

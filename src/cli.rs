@@ -1,20 +1,93 @@
 //! What every binary does at its edge: logging set-up and turning a result
 //! into an exit code with the error and its cause chain printed once.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::client_settings::{ClientSettings, Resolved, SettingsSources};
 use crate::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
+
+/// Environment variable that supplies `--client-config`.
+pub const CLIENT_CONFIG_ENV: &str = "KAFKA_CLIENT_CONFIG";
+
+/// How to reach Kafka: the same for every command that talks to it.
+/// Precedence: built-in defaults and KAFKA_BOOTSTRAP_SERVERS, then
+/// --client-config, then -X, then --bootstrap-servers and the other flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]; over bootstrap.servers
+    /// of --client-config and -X, which are over KAFKA_BOOTSTRAP_SERVERS
+    /// [default: localhost:9092]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub bootstrap_servers: Option<String>,
+    /// Client properties file: librdkafka's key=value lines, or a Java
+    /// client.properties (sasl.jaas.config with PLAIN or SCRAM becomes
+    /// sasl.username and sasl.password; Java-only keys are ignored, one
+    /// line each)
+    #[arg(long, env = CLIENT_CONFIG_ENV, value_name = "FILE")]
+    pub client_config: Option<PathBuf>,
+    /// A librdkafka property, e.g. -X security.protocol=SASL_SSL; repeatable,
+    /// over --client-config. Settings that exactly-once depends on (acks,
+    /// idempotence, retries, auto commit, auto.offset.reset, ...) are refused
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    pub property: Vec<String>,
+}
+
+impl ClientArgs {
+    /// Resolves the settings (a usage error, exit 2, when one is wrong) and
+    /// logs the Java-only keys ignored; call it after [`init_logging`].
+    pub fn resolve(&self) -> Resolved {
+        let sources = SettingsSources {
+            bootstrap_flag: self.bootstrap_servers.clone(),
+            bootstrap_env: std::env::var(BOOTSTRAP_ENV).ok(),
+            client_config: self.client_config.clone(),
+            properties: self.property.clone(),
+        };
+        match sources.resolve() {
+            Ok(resolved) => {
+                resolved.log_ignored();
+                resolved
+            }
+            Err(error) => usage_error(&error.to_string()),
+        }
+    }
+
+    /// [`ClientArgs::resolve`] with the default broker where none is named.
+    pub fn settings(&self) -> ClientSettings {
+        self.resolve().or_bootstrap(DEFAULT_BOOTSTRAP)
+    }
+}
 
 /// Where the broker is and which topic: shared by every command that talks
 /// to Kafka.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connection {
-    /// Kafka broker(s), HOST:PORT[,HOST:PORT...]
-    #[arg(long, env = BOOTSTRAP_ENV, default_value = DEFAULT_BOOTSTRAP)]
-    pub bootstrap_servers: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Topic of the weather reports
     #[arg(long, default_value = DEFAULT_TOPIC)]
     pub topic: String,
+}
+
+/// A flag over the property it owns (`--group-id` over `-X group.id`), over
+/// the default: the precedence of [`ClientArgs`] for keys that have a flag.
+pub fn flag_over_property(
+    flag: Option<String>,
+    settings: &mut ClientSettings,
+    key: &str,
+    default: &str,
+) -> String {
+    let property = settings.take(key);
+    flag.or(property).unwrap_or_else(|| default.to_string())
+}
+
+/// Prints `error: MESSAGE` and usage hints as clap does, and exits 2.
+pub fn usage_error(message: &str) -> ! {
+    clap::Error::raw(
+        clap::error::ErrorKind::ValueValidation,
+        format!("{message}\n"),
+    )
+    .exit()
 }
 
 /// Longest `--delay` between two reports, in seconds: an hour.

@@ -9,7 +9,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 
-use crate::kafka::client_config;
+use crate::kafka::{check_connection, client_config, ClientSettings, SetDefault};
 use crate::pyfmt::{bytes_repr, float_repr, str_repr};
 use crate::report;
 use crate::shutdown::Shutdown;
@@ -20,7 +20,7 @@ const POLL_WAIT: Duration = Duration::from_millis(100);
 /// What `debug` is asked to do.
 #[derive(Debug, Clone)]
 pub struct DebugConfig {
-    pub bootstrap_servers: String,
+    pub client: ClientSettings,
     pub topic: String,
     pub group: String,
     pub from_beginning: bool,
@@ -62,7 +62,8 @@ pub(crate) fn format_line(partition: i32, key: Option<&[u8]>, date: &str, degree
 
 /// Prints messages to `out` until shutdown.
 pub fn run(config: &DebugConfig, shutdown: &Shutdown, out: &mut dyn Write) -> anyhow::Result<()> {
-    let consumer: BaseConsumer<AssignmentLogger> = client_config(&config.bootstrap_servers)
+    check_connection(&config.client)?;
+    let consumer: BaseConsumer<AssignmentLogger> = client_config(&config.client)
         .set("group.id", &config.group)
         .set(
             "auto.offset.reset",
@@ -73,8 +74,8 @@ pub fn run(config: &DebugConfig, shutdown: &Shutdown, out: &mut dyn Write) -> an
             },
         )
         // A short session makes a new group's first assignment come quickly.
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
+        .set_default("session.timeout.ms", "6000")
+        .set_default("heartbeat.interval.ms", "1000")
         .set("enable.partition.eof", "false")
         .create_with_context(AssignmentLogger)
         .context("creating the Kafka consumer")?;

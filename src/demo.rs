@@ -19,7 +19,7 @@ use crate::atomic_file;
 use crate::chart::{self, partition_files};
 use crate::consumer::{self, ConsumerConfig};
 use crate::dashboard::DashboardServer;
-use crate::kafka::DEFAULT_TOPIC;
+use crate::kafka::{ClientSettings, DEFAULT_TOPIC};
 use crate::producer::{self, ProducerConfig};
 use crate::published::parse_partition_json;
 use crate::report::month_name;
@@ -41,8 +41,8 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// What `demo` is asked to do.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
-    /// An external broker; None: the embedded one.
-    pub bootstrap_servers: Option<String>,
+    /// An external broker and its client settings; None: the embedded one.
+    pub client: Option<ClientSettings>,
     pub files_dir: PathBuf,
     pub days: u64,
     pub delay: Duration,
@@ -189,8 +189,8 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     };
     // Kept alive for the whole run: dropping it stops the embedded broker.
     let mut embedded = None;
-    let bootstrap_servers = match &config.bootstrap_servers {
-        Some(servers) => servers.clone(),
+    let client = match &config.client {
+        Some(client) => client.clone(),
         None => {
             let broker = EmbeddedBroker::start()?;
             let servers = broker.bootstrap_servers()?;
@@ -198,7 +198,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
                 "embedded in-memory Kafka broker (librdkafka MockCluster) at {servers}; its data lives only as long as this process"
             );
             embedded = Some(broker);
-            servers
+            ClientSettings::plaintext(servers)
         }
     };
     // The embedded topic is empty: replay the earlier days (same seed, same
@@ -207,7 +207,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     let replay = embedded.is_some() || previous.days == 0;
     let target_days = previous.days + config.days;
     let producer_config = ProducerConfig {
-        bootstrap_servers: bootstrap_servers.clone(),
+        client: client.clone(),
         topic: DEFAULT_TOPIC.into(),
         partitions: PARTITIONS,
         replication_factor: 1,
@@ -220,7 +220,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     };
     let consumer_config = {
         let mut c = ConsumerConfig::new(
-            bootstrap_servers.clone(),
+            client,
             DEFAULT_TOPIC,
             config.files_dir.clone(),
             config.files_dir.join("state"),

@@ -1,5 +1,7 @@
-//! Connection settings and topic administration shared by every command:
-//! how a client is configured, how topics are listed (always by listing all
+//! Client configuration and topic administration shared by every command:
+//! how a client is configured from the user's [`ClientSettings`], how a
+//! start-up connection failure is told (refused credentials, a failed TLS
+//! handshake, a listener of another protocol), how topics are listed (always by listing all
 //! topics, because some brokers auto-create a topic that a metadata request
 //! names), and how the producer deletes and re-creates its topic with polled
 //! deadlines instead of fixed sleeps.
@@ -10,12 +12,15 @@ use std::time::{Duration, Instant};
 
 use futures_executor::block_on;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, Producer as _, ProducerContext};
 use rdkafka::TopicPartitionList;
 use thiserror::Error;
+
+pub use crate::client_settings::ClientSettings;
 
 /// Kafka partition number, as librdkafka numbers them.
 pub type PartitionId = i32;
@@ -28,6 +33,9 @@ pub const BOOTSTRAP_ENV: &str = "KAFKA_BOOTSTRAP_SERVERS";
 pub(crate) const RDKAFKA_DEBUG_ENV: &str = "RDKAFKA_DEBUG";
 /// Default broker address, as in the assignment.
 pub(crate) const DEFAULT_BOOTSTRAP: &str = "localhost:9092";
+/// Default consumer group: where the consumer commits its offsets for
+/// Kafka's tools, and the group id of every partition client.
+pub const DEFAULT_GROUP_ID: &str = "weatherstream";
 /// Default topic.
 pub(crate) const DEFAULT_TOPIC: &str = "temperatures";
 
@@ -37,13 +45,20 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors of topic administration and broker reachability.
 #[derive(Debug, Error)]
 pub enum AdminError {
-    #[error("cannot reach a Kafka broker at {servers} within {}s", timeout.as_secs())]
+    /// `reason`: librdkafka's last report, or the request's own error.
+    #[error("cannot reach a Kafka broker at {servers} within {}s: {reason}", timeout.as_secs())]
     Unreachable {
         servers: String,
         timeout: Duration,
-        #[source]
-        source: KafkaError,
+        reason: String,
     },
+    #[error("authentication refused by {servers}: {reason}")]
+    AuthenticationRefused { servers: String, reason: String },
+    #[error("TLS handshake with {servers} failed: {reason}")]
+    TlsHandshake { servers: String, reason: String },
+    /// `reason` starts with the security.protocol in use.
+    #[error("{servers} closed the connection before answering: its listener may expect another security.protocol (TLS, or SASL) than {reason}")]
+    ProtocolMismatch { servers: String, reason: String },
     #[error("Kafka client error")]
     Kafka(#[from] KafkaError),
     #[error("{action} topic {topic:?} failed: {code}")]
@@ -85,15 +100,36 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// A client configuration for `bootstrap_servers` with the settings every
-/// client of ours shares.
-pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
+/// Setting a client's own default: a value the user's settings (already
+/// laid over the config by [`client_config`]) did not give. Settings that
+/// exactly-once depends on use `set`: the user cannot give them
+/// (`client_settings::protected`).
+pub(crate) trait SetDefault {
+    fn set_default(&mut self, key: &str, value: impl Into<String>) -> &mut Self;
+}
+
+impl SetDefault for ClientConfig {
+    fn set_default(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
+
+/// A client configuration from the user's settings over the defaults every
+/// client of ours shares. Callers add their own defaults with
+/// [`SetDefault::set_default`], so the user's settings win over those too.
+pub fn client_config(settings: &ClientSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
-        .set("bootstrap.servers", bootstrap_servers)
         .set("client.id", "weatherstream")
         // A broker that is down must surface as an error, not a silent hang.
         .set("socket.connection.setup.timeout.ms", "5000");
+    for (key, value) in settings.properties() {
+        config.set(key, value);
+    }
+    config.set("bootstrap.servers", settings.bootstrap_servers());
     // librdkafka prints some clients' logs (the admin client's) straight to
     // stderr; when its log target is off, so is that.
     if !log::log_enabled!(target: "librdkafka", log::Level::Error) {
@@ -113,11 +149,13 @@ pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
 /// `consumer verify`): no group membership, no committed offsets, no
 /// automatic topic creation, and an offset outside the log reported as an
 /// error instead of silently reset.
-pub(crate) fn manual_assign_config(bootstrap_servers: &str, group: &str) -> ClientConfig {
-    let mut config = client_config(bootstrap_servers);
+pub(crate) fn manual_assign_config(settings: &ClientSettings, group: &str) -> ClientConfig {
+    let mut config = client_config(settings);
     config
         // Needed by librdkafka; assign() joins no group and commits nothing.
-        .set("group.id", group)
+        // A `--group-id` (in the settings) names the group of every client,
+        // so one group ACL covers them.
+        .set_default("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         // An offset outside the log is a question for us (re-created
@@ -140,15 +178,15 @@ pub(crate) const BACKLOG_FETCH_WAIT_MS: u64 = 5;
 /// (the partition workers, `consumer verify`); `fetch_wait_ms` is the
 /// longest the broker may hold a fetch that finds nothing new.
 pub(crate) fn reading_config(
-    bootstrap_servers: &str,
+    settings: &ClientSettings,
     group: &str,
     fetch_wait_ms: u64,
 ) -> ClientConfig {
-    let mut config = manual_assign_config(bootstrap_servers, group);
+    let mut config = manual_assign_config(settings, group);
     config
         // See consumer::DEFAULT_FETCH_WAIT_MS: the idle poll period on
         // Apache Kafka, the delay every report sees on brokers that hold
-        // empty fetches.
+        // empty fetches. `--fetch-wait-ms` owns it.
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         // The rest is right for any broker. librdkafka prefetches up to
         // 100,000 messages per partition by default, and fetches again
@@ -156,13 +194,13 @@ pub(crate) fn reading_config(
         // below, ~14,000 reports) comes on top, so 3,000 keeps a worker fed
         // (catch-up as fast as with 10,000) with a third of the queue:
         // peak RSS of a 1M-report catch-up 55-60 MiB instead of 60-70.
-        .set("queued.min.messages", "3000")
-        .set("queued.max.messages.kbytes", "2048")
+        .set_default("queued.min.messages", "3000")
+        .set_default("queued.max.messages.kbytes", "2048")
         // When the prefetch queue is over those limits librdkafka waits
         // this long before fetching again (default 1 s): a reader empties
         // its queue in milliseconds, so the default idled catch-up 2/3 of
         // the time.
-        .set("fetch.queue.backoff.ms", "10")
+        .set_default("fetch.queue.backoff.ms", "10")
         // librdkafka allocates a ~280-byte structure per message of a fetch
         // response at once, so a response's size is memory. Apache Kafka
         // honours max.partition.fetch.bytes (1 MiB); tansu ignores it and
@@ -170,8 +208,8 @@ pub(crate) fn reading_config(
         // one client's queue stays a few MiB. A larger record batch still
         // comes whole (Kafka since 0.10.1). message.max.bytes must not
         // exceed it; a consumer does not otherwise use it.
-        .set("fetch.max.bytes", "524288")
-        .set("message.max.bytes", "524288");
+        .set_default("fetch.max.bytes", "524288")
+        .set_default("message.max.bytes", "524288");
     config
 }
 
@@ -221,23 +259,168 @@ pub struct TopicAdmin {
     servers: String,
 }
 
+/// What a start-up connection probe heard from librdkafka: the failure
+/// that no retry fixes, or the last reason of one that may pass.
+#[derive(Default)]
+struct ConnectWatch {
+    heard: std::sync::Mutex<Heard>,
+}
+
+#[derive(Default)]
+struct Heard {
+    fatal: Option<ConnectFailure>,
+    last_reason: Option<String>,
+}
+
+enum ConnectFailure {
+    Authentication(String),
+    Tls(String),
+    Mismatch(String),
+}
+
+impl ConnectFailure {
+    /// The failures a start-up does not wait out, from librdkafka's error
+    /// code and reason (its reasons name the cause: "SASL authentication
+    /// error", "SSL handshake failed", "incorrect security.protocol").
+    fn classify(error: &KafkaError, reason: &str) -> Option<Self> {
+        let reason = reason.to_string();
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                Some(ConnectFailure::Authentication(reason))
+            }
+            // A TLS listener resets a plaintext client's first request
+            // (ApiVersion); librdkafka's hint says the same.
+            _ if reason.contains("PLAINTEXT broker listener")
+                || reason.contains("incorrect security.protocol")
+                || (reason.contains("Disconnected") && reason.contains("state APIVERSION_QUERY"))
+                // ... and a plaintext listener never answers a TLS hello.
+                || reason.contains("timed out in state SSL_HANDSHAKE") =>
+            {
+                Some(ConnectFailure::Mismatch(reason))
+            }
+            Some(RDKafkaErrorCode::SSL) => Some(ConnectFailure::Tls(reason)),
+            // A TLS alert (a client certificate required or refused).
+            _ if reason.contains("SSL handshake failed") || reason.contains("SSL routines") => {
+                Some(ConnectFailure::Tls(reason))
+            }
+            _ if reason.contains("SASL authentication error")
+                || reason.contains("Authentication failed") =>
+            {
+                Some(ConnectFailure::Authentication(reason))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl ConnectWatch {
+    fn heard(&self, error: &KafkaError, reason: &str) {
+        let mut heard = self
+            .heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if heard.fatal.is_none() {
+            heard.fatal = ConnectFailure::classify(error, reason);
+        }
+        heard.last_reason = Some(reason.to_string());
+    }
+}
+
+impl ClientContext for ConnectWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // "all brokers down" says less than the failure that caused it.
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.heard(&error, reason);
+        }
+    }
+
+    /// librdkafka tells some connection failures (a connection reset in
+    /// the middle of the first request) only as a `FAIL` log line.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if facility == "FAIL" {
+            // Without librdkafka's "[thrd:...]: " prefix.
+            let message = message.split_once("]: ").map_or(message, |(_, rest)| rest);
+            self.heard(
+                &KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+                message,
+            );
+        }
+        if log::log_enabled!(target: "librdkafka", log::Level::Debug) {
+            log::debug!(target: "librdkafka", "librdkafka: {facility} {message} ({level:?})");
+        }
+    }
+}
+
+impl ProducerContext for ConnectWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// How long one metadata request of the start-up probe may take before the
+/// probe looks at what librdkafka reported meanwhile.
+const CONNECT_PROBE_STEP: Duration = Duration::from_millis(500);
+
+/// Checks that the brokers in `settings` answer, within [`CONNECT_TIMEOUT`].
+/// A failure no retry fixes (credentials refused, a TLS handshake that
+/// failed, a listener of another protocol) ends the wait at once with
+/// librdkafka's reason; anything else is `Unreachable` at the deadline.
+/// The probe is a producer because a producer needs no group to be
+/// polled, and polling is what delivers librdkafka's error reports.
+pub fn check_connection(settings: &ClientSettings) -> Result<(), AdminError> {
+    let servers = settings.bootstrap_servers().to_string();
+    let probe: BaseProducer<ConnectWatch> = client_config(settings)
+        // The FAIL lines are what the probe listens for (see its log()).
+        .set("log_level", "6")
+        .set_log_level(RDKafkaLogLevel::Info)
+        .create_with_context(ConnectWatch::default())?;
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let attempt = probe.client().fetch_metadata(None, CONNECT_PROBE_STEP);
+        probe.poll(Duration::ZERO);
+        let mut heard = probe
+            .context()
+            .heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(failure) = heard.fatal.take() {
+            return Err(match failure {
+                ConnectFailure::Authentication(reason) => {
+                    AdminError::AuthenticationRefused { servers, reason }
+                }
+                ConnectFailure::Tls(reason) => AdminError::TlsHandshake { servers, reason },
+                ConnectFailure::Mismatch(reason) => AdminError::ProtocolMismatch {
+                    servers,
+                    reason: format!("{}: {reason}", settings.security_protocol()),
+                },
+            });
+        }
+        match attempt {
+            Ok(_) => return Ok(()),
+            Err(source) if Instant::now() >= deadline => {
+                return Err(AdminError::Unreachable {
+                    servers,
+                    timeout: CONNECT_TIMEOUT,
+                    reason: heard
+                        .last_reason
+                        .take()
+                        .unwrap_or_else(|| source.to_string()),
+                })
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 impl TopicAdmin {
-    /// Connects and checks that the broker answers within [`CONNECT_TIMEOUT`].
-    pub fn connect(bootstrap_servers: &str) -> Result<Self, AdminError> {
-        let admin: AdminClient<DefaultClientContext> = client_config(bootstrap_servers).create()?;
-        let this = TopicAdmin {
+    /// Connects and checks that the broker answers within [`CONNECT_TIMEOUT`]
+    /// ([`check_connection`]).
+    pub fn connect(settings: &ClientSettings) -> Result<Self, AdminError> {
+        check_connection(settings)?;
+        let admin: AdminClient<DefaultClientContext> = client_config(settings).create()?;
+        Ok(TopicAdmin {
             admin,
-            servers: bootstrap_servers.to_string(),
-        };
-        this.admin
-            .inner()
-            .fetch_metadata(None, CONNECT_TIMEOUT)
-            .map_err(|source| AdminError::Unreachable {
-                servers: this.servers.clone(),
-                timeout: CONNECT_TIMEOUT,
-                source,
-            })?;
-        Ok(this)
+            servers: settings.bootstrap_servers().to_string(),
+        })
     }
 
     /// Every topic the broker lists, with its partition count.
@@ -249,7 +432,7 @@ impl TopicAdmin {
             .map_err(|source| AdminError::Unreachable {
                 servers: self.servers.clone(),
                 timeout: CONNECT_TIMEOUT,
-                source,
+                reason: source.to_string(),
             })?;
         Ok(metadata
             .topics()

@@ -13,6 +13,7 @@ pub mod atomic_file;
 mod broker_link;
 pub mod chart;
 pub mod cli;
+pub mod client_settings;
 pub mod consumer;
 pub mod dashboard;
 pub mod debug;

@@ -23,7 +23,7 @@ use rdkafka::ClientConfig;
 
 use crate::broker_link::BrokerLink;
 use crate::generator::{Observation, WeatherGenerator};
-use crate::kafka::{client_config, TopicAdmin};
+use crate::kafka::{client_config, ClientSettings, SetDefault, TopicAdmin};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::report;
 use crate::shutdown::Shutdown;
@@ -31,7 +31,7 @@ use crate::shutdown::Shutdown;
 /// What `producer` is asked to do.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    pub bootstrap_servers: String,
+    pub client: ClientSettings,
     pub topic: String,
     pub partitions: i32,
     pub replication_factor: i32,
@@ -80,7 +80,13 @@ const CLIENT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 impl ClientContext for DeliveryReporter {
     fn error(&self, error: KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::AllBrokersDown) => self.link.down(&error),
+            // Credentials refused or a TLS failure after start-up (start-up
+            // checks them first) is an outage too: reports wait and retry.
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SSL,
+            ) => self.link.down(format_args!("{error}: {reason}")),
             // librdkafka reconnects by itself; if every broker is gone,
             // AllBrokersDown follows.
             Some(RDKafkaErrorCode::BrokerTransportFailure) => {
@@ -125,6 +131,31 @@ impl ProducerContext for DeliveryReporter {
     }
 }
 
+/// Record batch compression (`--compression`): librdkafka's
+/// `compression.type`; every consumer of ours reads all five.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's name of the codec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
 /// The production settings for reports sent `delay` apart: see the module
 /// comment for why each is there.
 pub fn production_settings(config: &mut ClientConfig, delay: Duration) -> &mut ClientConfig {
@@ -133,7 +164,7 @@ pub fn production_settings(config: &mut ClientConfig, delay: Duration) -> &mut C
         .set("message.send.max.retries", "10")
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", linger_ms(delay))
+        .set_default("linger.ms", linger_ms(delay))
 }
 
 /// How long librdkafka holds a report to batch it with later ones: at full
@@ -157,9 +188,9 @@ pub struct ReportSender {
 
 impl ReportSender {
     /// A sender for reports sent `delay` apart (zero: as fast as possible).
-    pub fn new(bootstrap_servers: &str, topic: &str, delay: Duration) -> anyhow::Result<Self> {
+    pub fn new(client: &ClientSettings, topic: &str, delay: Duration) -> anyhow::Result<Self> {
         let counters = Arc::new(DeliveryCounters::default());
-        let producer = production_settings(&mut client_config(bootstrap_servers), delay)
+        let producer = production_settings(&mut client_config(client), delay)
             .create_with_context(DeliveryReporter {
                 counters: counters.clone(),
                 link: BrokerLink::new(
@@ -343,7 +374,7 @@ impl Drop for Pregenerated {
 
 /// Runs the producer until `--days` are delivered or shutdown is requested.
 pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<ProducerSummary> {
-    let admin = TopicAdmin::connect(&config.bootstrap_servers)?;
+    let admin = TopicAdmin::connect(&config.client)?;
     if config.recreate_topic {
         admin.recreate_topic(&config.topic, config.partitions, config.replication_factor)?;
     } else if admin.partition_count(&config.topic)?.is_none() {
@@ -355,7 +386,7 @@ pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<Produ
     }
     drop(admin);
 
-    let sender = ReportSender::new(&config.bootstrap_servers, &config.topic, config.delay)?;
+    let sender = ReportSender::new(&config.client, &config.topic, config.delay)?;
     let mut generator = WeatherGenerator::new(config.seed);
     while generator.days_generated() < config.skip_days {
         generator.next();

@@ -18,7 +18,7 @@ use rdkafka::message::Message;
 
 use crate::aggregate::{Aggregates, BatchFold, MonthYear};
 use crate::kafka::{
-    assign, reading_config, Offset, PartitionId, TopicAdmin, BACKLOG_FETCH_WAIT_MS,
+    assign, reading_config, ClientSettings, Offset, PartitionId, TopicAdmin, BACKLOG_FETCH_WAIT_MS,
 };
 use crate::published::{parse_partition_json, partition_file, PublishedPartition};
 use crate::report::{month_name, DateText, Validator};
@@ -39,7 +39,7 @@ const SUM_TOLERANCE: f64 = 1e-9;
 /// What `consumer verify` is asked to do.
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
-    pub bootstrap_servers: String,
+    pub client: ClientSettings,
     pub topic: String,
     pub files_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -111,7 +111,7 @@ enum Outcome {
 /// every partition matches.
 pub fn run(config: &VerifyConfig, out: &mut dyn Write) -> anyhow::Result<bool> {
     let partitions = partitions_to_verify(config)?;
-    let admin = TopicAdmin::connect(&config.bootstrap_servers)?;
+    let admin = TopicAdmin::connect(&config.client)?;
     let partition_count = admin.partition_count(&config.topic)?;
     drop(admin);
     let mut outcomes: BTreeMap<PartitionId, (Option<Source>, Outcome)> = BTreeMap::new();
@@ -442,13 +442,10 @@ fn recount(config: &VerifyConfig, claim: &Claim) -> Result<(Aggregates, u64), St
     }
     let partition = claim.partition;
     // It reads records that are there (up to the state's offset).
-    let consumer: BaseConsumer = reading_config(
-        &config.bootstrap_servers,
-        VERIFY_GROUP,
-        BACKLOG_FETCH_WAIT_MS,
-    )
-    .create()
-    .map_err(|e| format!("creating a Kafka consumer: {e}"))?;
+    let consumer: BaseConsumer =
+        reading_config(&config.client, VERIFY_GROUP, BACKLOG_FETCH_WAIT_MS)
+            .create()
+            .map_err(|e| format!("creating a Kafka consumer: {e}"))?;
     assign(&consumer, &config.topic, partition, 0)
         .map_err(|e| format!("assigning the partition: {e}"))?;
     let mut validator = Validator::default();

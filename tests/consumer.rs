@@ -343,7 +343,10 @@ fn malformed_messages_are_skipped_counted_and_never_stall() {
     let broker = Broker::start();
     let topic = unique_topic("malformed");
     let files = tempfile::tempdir().unwrap();
-    let admin = weatherstream::kafka::TopicAdmin::connect(&broker.bootstrap).unwrap();
+    let admin = weatherstream::kafka::TopicAdmin::connect(
+        &weatherstream::kafka::ClientSettings::plaintext(&broker.bootstrap),
+    )
+    .unwrap();
     admin.recreate_topic(&topic, 4, 1).unwrap();
     let producer = raw_producer(&broker);
     let mut injected = 0u64;

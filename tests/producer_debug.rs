@@ -71,7 +71,10 @@ fn producer_creates_the_topic_and_recreates_it_on_restart() {
         String::from_utf8_lossy(&first.stdout).contains(&topic),
         "prints the topic list"
     );
-    let admin = TopicAdmin::connect(&broker.bootstrap).unwrap();
+    let admin = TopicAdmin::connect(&weatherstream::kafka::ClientSettings::plaintext(
+        &broker.bootstrap,
+    ))
+    .unwrap();
     assert_eq!(admin.partition_count(&topic).unwrap(), Some(4));
     let records = read_topic(
         &broker.bootstrap,

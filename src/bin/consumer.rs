@@ -51,12 +51,22 @@ impl Folders {
 #[derive(Args)]
 struct FetchWait {
     /// Longest the broker may hold a fetch that finds nothing new,
-    /// milliseconds. Apache Kafka answers as soon as a report arrives, so the
-    /// default only sets how often an idle consumer asks; brokers that hold
-    /// every fetch for the whole wait (tansu) need a few milliseconds
-    #[arg(long, env = "CONSUMER_FETCH_WAIT_MS", default_value_t = consumer::DEFAULT_FETCH_WAIT_MS,
+    /// milliseconds; over fetch.wait.max.ms of --client-config and -X.
+    /// Apache Kafka answers as soon as a report arrives, so the default only
+    /// sets how often an idle consumer asks; brokers that hold every fetch
+    /// for the whole wait (tansu) need a few milliseconds [default: 500]
+    #[arg(long, env = "CONSUMER_FETCH_WAIT_MS",
           value_parser = clap::value_parser!(u64).range(1..=300_000))]
-    fetch_wait_ms: u64,
+    fetch_wait_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct Group {
+    /// Consumer group of every client; the consumer commits each batch's
+    /// next offset there for Kafka's tools (never read back: the state
+    /// decides); over group.id of --client-config and -X [default: weatherstream]
+    #[arg(long, value_name = "GROUP")]
+    group_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -76,6 +86,11 @@ struct RunArgs {
     batch_timeout_ms: u64,
     #[command(flatten)]
     fetch: FetchWait,
+    #[command(flatten)]
+    group: Group,
+    /// Commit no offsets to the consumer group
+    #[arg(long)]
+    no_group_offsets: bool,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
     #[arg(long, env = "CONSUMER_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -105,6 +120,8 @@ enum Command {
         #[command(flatten)]
         connection: cli::Connection,
         #[command(flatten)]
+        group: Group,
+        #[command(flatten)]
         folders: Folders,
     },
     /// Show what the state holds, per partition
@@ -133,10 +150,14 @@ fn main() -> ExitCode {
         Some(Command::Verify {
             partitions,
             connection,
+            group,
             folders,
         }) => {
+            let mut client = connection.client.settings();
+            let group_id = group.resolve(&mut client);
+            client.set_owned("group.id", group_id);
             let config = VerifyConfig {
-                bootstrap_servers: connection.bootstrap_servers,
+                client,
                 topic: connection.topic,
                 files_dir: folders.files_dir.clone(),
                 state_dir: folders.state_dir(),
@@ -163,16 +184,33 @@ fn main() -> ExitCode {
     cli::finish("consumer", result)
 }
 
+impl Group {
+    fn resolve(&self, client: &mut weatherstream::kafka::ClientSettings) -> String {
+        cli::flag_over_property(
+            self.group_id.clone(),
+            client,
+            "group.id",
+            weatherstream::kafka::DEFAULT_GROUP_ID,
+        )
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(message) = check_partition_list(&args.partitions) {
-        clap::Error::raw(
-            clap::error::ErrorKind::ValueValidation,
-            format!("{message}\n"),
-        )
-        .exit();
+        cli::usage_error(&message);
     }
+    let mut client = args.connection.client.settings();
+    let group_id = args.group.resolve(&mut client);
+    let fetch_wait_ms = match args.fetch.fetch_wait_ms {
+        Some(ms) => ms,
+        None => match client.take("fetch.wait.max.ms") {
+            // librdkafka checked it is a number in its range.
+            Some(ms) => ms.parse().unwrap_or(consumer::DEFAULT_FETCH_WAIT_MS),
+            None => consumer::DEFAULT_FETCH_WAIT_MS,
+        },
+    };
     let mut config = ConsumerConfig::new(
-        args.connection.bootstrap_servers,
+        client,
         args.connection.topic,
         args.folders.files_dir.clone(),
         args.folders.state_dir(),
@@ -180,7 +218,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     config.max_batch = args.max_batch as usize;
     config.batch_timeout_ms = args.batch_timeout_ms;
-    config.fetch_wait_ms = args.fetch.fetch_wait_ms;
+    config.fetch_wait_ms = fetch_wait_ms;
+    config.group_id = group_id;
+    config.commit_group_offsets = !args.no_group_offsets;
     config.metrics_addr = args.metrics_addr;
     if args.quiet {
         config.progress_interval = None;

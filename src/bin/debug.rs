@@ -14,9 +14,9 @@ use weatherstream::{cli, shutdown::Shutdown};
 struct Args {
     #[command(flatten)]
     connection: cli::Connection,
-    /// Consumer group
-    #[arg(long, default_value = "debug")]
-    group: String,
+    /// Consumer group; over group.id of --client-config and -X [default: debug]
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
     /// Start a new group at the beginning of the topic instead of its end
     #[arg(long)]
     from_beginning: bool,
@@ -25,10 +25,12 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging();
+    let mut client = args.connection.client.settings();
+    let group = cli::flag_over_property(args.group, &mut client, "group.id", "debug");
     let config = DebugConfig {
-        bootstrap_servers: args.connection.bootstrap_servers,
+        client,
         topic: args.connection.topic,
-        group: args.group,
+        group,
         from_beginning: args.from_beginning,
     };
     let result = Shutdown::install()

@@ -13,9 +13,11 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Use this Kafka broker instead of the embedded one
-    #[arg(long, env = weatherstream::kafka::BOOTSTRAP_ENV)]
-    bootstrap_servers: Option<String>,
+    /// Use this Kafka instead of the embedded broker: --bootstrap-servers
+    /// (or KAFKA_BOOTSTRAP_SERVERS, or bootstrap.servers of
+    /// --client-config or -X) names it
+    #[command(flatten)]
+    client: cli::ClientArgs,
     /// Folder of partition-N.json, month.svg and the state
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,
@@ -48,7 +50,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging();
     let config = DemoConfig {
-        bootstrap_servers: args.bootstrap_servers,
+        client: args.client.resolve().named_broker(),
         files_dir: args.files_dir,
         days: args.days,
         delay: Duration::from_secs_f64(args.delay),

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use weatherstream::producer::{self, ProducerConfig};
+use weatherstream::producer::{self, Compression, ProducerConfig};
 use weatherstream::{cli, shutdown::Shutdown};
 
 /// Generates daily weather reports and writes them to a Kafka topic.
@@ -29,13 +29,25 @@ struct Args {
     /// Seed for a reproducible stream; default: random
     #[arg(long)]
     seed: Option<u64>,
+    /// Record batch compression; over compression.type of --client-config
+    /// and -X [default: none]
+    #[arg(long, value_enum)]
+    compression: Option<Compression>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging();
+    let mut client = args.connection.client.settings();
+    let compression = cli::flag_over_property(
+        args.compression.map(|codec| codec.name().to_string()),
+        &mut client,
+        "compression.type",
+        Compression::None.name(),
+    );
+    client.set_owned("compression.type", compression);
     let config = ProducerConfig {
-        bootstrap_servers: args.connection.bootstrap_servers,
+        client,
         topic: args.connection.topic,
         partitions: args.partitions,
         replication_factor: args.replication_factor,

@@ -135,9 +135,18 @@ impl ConsumerContext for Observed {}
 
 pub(super) type Client = BaseConsumer<Observed>;
 
-/// Every broker connection of a client is down.
+/// Every broker connection of a client is down, or the brokers refuse it
+/// (credentials revoked, a certificate that expired after start-up, which
+/// checked both): reading waits and librdkafka keeps trying.
 pub(super) fn is_outage(error: &KafkaError) -> bool {
-    error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SSL
+        )
+    )
 }
 
 /// One connection failed; librdkafka reconnects with backoff.
@@ -154,7 +163,7 @@ pub(super) fn own_client(
     context: Observed,
 ) -> anyhow::Result<Client> {
     let client: Client = reading_config(
-        &config.bootstrap_servers,
+        &config.client,
         READER_GROUP,
         config.fetch_wait_ms.min(BACKLOG_FETCH_WAIT_MS),
     )
@@ -178,14 +187,10 @@ pub(super) struct SharedClient {
 impl SharedClient {
     pub(super) fn start(config: &ConsumerConfig, context: Observed) -> anyhow::Result<Arc<Self>> {
         let consumer: Arc<Client> = Arc::new(
-            reading_config(
-                &config.bootstrap_servers,
-                READER_GROUP,
-                config.fetch_wait_ms,
-            )
-            .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
-            .create_with_context(context)
-            .context("creating the shared Kafka consumer")?,
+            reading_config(&config.client, READER_GROUP, config.fetch_wait_ms)
+                .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
+                .create_with_context(context)
+                .context("creating the shared Kafka consumer")?,
         );
         let stop = Arc::new(AtomicBool::new(false));
         let poller = {

@@ -22,6 +22,7 @@
 //! every partition at the end of its log.
 
 mod clients;
+mod group_offsets;
 mod machine;
 mod stall;
 mod verify;
@@ -38,12 +39,13 @@ use anyhow::{anyhow, bail, Context as _};
 use crate::aggregate::Aggregates;
 use crate::broker_link::BrokerLink;
 use crate::exporter::{Committed, Exporter};
-use crate::kafka::{Offset, PartitionId, TopicAdmin};
+use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
 use crate::metrics::{Metrics, MetricsServer, PartitionMetrics};
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
 use crate::state::{PartitionState, Snapshot};
 use clients::{Observed, SharedClient};
+use group_offsets::GroupCommitter;
 use machine::{CheckOutcome, CheckRequest};
 use stall::{StallNews, StallWatch};
 use worker::{PartitionWorker, WorkerSetup};
@@ -70,7 +72,7 @@ const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// What `consumer` is asked to do.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    pub bootstrap_servers: String,
+    pub client: ClientSettings,
     pub topic: String,
     pub files_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -90,19 +92,24 @@ pub struct ConsumerConfig {
     pub render_chart: bool,
     /// Serve Prometheus metrics at `http://ADDR/metrics`; None: off.
     pub metrics_addr: Option<String>,
+    /// The consumer group of every client, where each committed batch's
+    /// next offset is committed for Kafka's tools (never read back).
+    pub group_id: String,
+    /// Commit offsets to `group_id`.
+    pub commit_group_offsets: bool,
 }
 
 impl ConsumerConfig {
     /// Defaults for everything but the connection, folders and partitions.
     pub fn new(
-        bootstrap_servers: impl Into<String>,
+        client: ClientSettings,
         topic: impl Into<String>,
         files_dir: PathBuf,
         state_dir: PathBuf,
         partitions: Vec<PartitionId>,
     ) -> Self {
         ConsumerConfig {
-            bootstrap_servers: bootstrap_servers.into(),
+            client,
             topic: topic.into(),
             files_dir,
             state_dir,
@@ -114,6 +121,8 @@ impl ConsumerConfig {
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
             render_chart: true,
             metrics_addr: None,
+            group_id: DEFAULT_GROUP_ID.to_string(),
+            commit_group_offsets: true,
         }
     }
 }
@@ -183,6 +192,12 @@ pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
 /// Runs the consumer until shutdown; returns the first worker error.
 pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
+    // Every client of the process carries the group id: one group ACL.
+    let config = &{
+        let mut config = config.clone();
+        config.client.set_owned("group.id", config.group_id.clone());
+        config
+    };
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
     let _metrics_server = match &config.metrics_addr {
@@ -203,7 +218,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         );
     }
 
-    let admin = TopicAdmin::connect(&config.bootstrap_servers)?;
+    let admin = TopicAdmin::connect(&config.client)?;
     let Some(partition_count) = wait_for_topic(&admin, &config.topic, shutdown)? else {
         return Ok(());
     };
@@ -242,6 +257,15 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         config,
         Observed::new(link.clone(), metrics.fetch_requests("shared")),
     )?;
+    let group = if config.commit_group_offsets {
+        Some(GroupCommitter::start(
+            &config.client,
+            &config.group_id,
+            &config.topic,
+        )?)
+    } else {
+        None
+    };
     let mut workers = Vec::new();
     for mut state in states {
         let partition = state.snapshot().partition;
@@ -251,6 +275,9 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         );
         reconcile_at_start(config, &mut state, probe_context, shutdown)?;
         let snapshot = state.snapshot();
+        if let Some(group) = &group {
+            group.offsets().committed(partition, snapshot.next_offset);
+        }
         let progress = Arc::new(Progress::new(&snapshot));
         exporter
             .sender()
@@ -266,6 +293,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
                 metrics: metrics.clone(),
                 shared: shared.clone(),
                 link: link.clone(),
+                group: group.as_ref().map(GroupCommitter::offsets),
                 shutdown: shutdown.clone(),
             },
         );
@@ -279,6 +307,9 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         if let Err(e) = worker.join() {
             first_error.get_or_insert(e);
         }
+    }
+    if let Some(group) = group {
+        group.finish();
     }
     exporter.finish();
     match first_error {
@@ -345,7 +376,7 @@ fn adopt_newer_file(
         return Ok(());
     };
     let probe = verify::RecordProbe::new(
-        &config.bootstrap_servers,
+        &config.client,
         &config.topic,
         partition,
         probe_context,

@@ -17,7 +17,7 @@ use rdkafka::message::Message;
 use super::clients::{Client, Observed, CLIENT_STATS_INTERVAL_MS};
 use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
 use super::worker::needs_verification;
-use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
+use crate::kafka::{assign, manual_assign_config, ClientSettings, Offset, PartitionId};
 use crate::shutdown::Shutdown;
 use crate::state::Fingerprint;
 
@@ -58,13 +58,13 @@ pub(super) struct RecordProbe {
 
 impl RecordProbe {
     pub(super) fn new(
-        bootstrap_servers: &str,
+        client: &ClientSettings,
         topic: &str,
         partition: PartitionId,
         context: Observed,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let consumer = manual_assign_config(bootstrap_servers, PROBE_GROUP)
+        let consumer = manual_assign_config(client, PROBE_GROUP)
             .set("enable.partition.eof", "true")
             // A probe reads records that exist and then the end of the log:
             // a short wait ends it promptly on brokers that hold an empty
@@ -288,13 +288,13 @@ pub(super) struct Verifier {
 
 impl Verifier {
     pub(super) fn spawn(
-        bootstrap_servers: &str,
+        client: &ClientSettings,
         topic: &str,
         partition: PartitionId,
         context: Observed,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let probe = RecordProbe::new(bootstrap_servers, topic, partition, context, shutdown)?;
+        let probe = RecordProbe::new(client, topic, partition, context, shutdown)?;
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
         let shutdown = shutdown.clone();

@@ -18,6 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::clients::{is_outage, is_reconnect, own_client, Observed, Reader, SharedClient};
+use super::group_offsets::GroupOffsets;
 use super::machine::{
     Action, Event, Flow, Limits, PartitionMachine, PollError, Record, StorageRetry,
 };
@@ -87,6 +88,7 @@ pub(super) struct PartitionWorker {
     reader: Option<Reader>,
     shared: Arc<SharedClient>,
     link: Arc<BrokerLink>,
+    group: Option<Arc<GroupOffsets>>,
     errors: LogLimiter,
     bad_input: LogLimiter,
     storage_errors: LogLimiter,
@@ -102,6 +104,8 @@ pub(super) struct WorkerSetup {
     pub(super) metrics: Arc<Metrics>,
     pub(super) shared: Arc<SharedClient>,
     pub(super) link: Arc<BrokerLink>,
+    /// Where committed offsets go for the consumer group; None: off.
+    pub(super) group: Option<Arc<GroupOffsets>>,
     pub(super) shutdown: Shutdown,
 }
 
@@ -114,6 +118,7 @@ impl PartitionWorker {
             metrics: all_metrics,
             shared,
             link,
+            group,
             shutdown,
         } = setup;
         let metrics = all_metrics.partition(progress.partition);
@@ -135,6 +140,7 @@ impl PartitionWorker {
             reader: None,
             shared,
             link,
+            group,
             errors: LogLimiter::new(NOISY_LOG_INTERVAL),
             bad_input: LogLimiter::new(NOISY_LOG_INTERVAL),
             storage_errors: LogLimiter::new(STORAGE_ERROR_LOG_INTERVAL),
@@ -149,7 +155,7 @@ impl PartitionWorker {
 
     pub(super) fn run(mut self) -> anyhow::Result<()> {
         let verifier = Verifier::spawn(
-            &self.config.bootstrap_servers,
+            &self.config.client,
             &self.config.topic,
             self.partition(),
             self.observed(format!("verify-{}", self.partition())),
@@ -241,6 +247,7 @@ impl PartitionWorker {
                         return Ok(()); // shutdown
                     };
                     self.progress.update(&snapshot);
+                    self.tell_group(&snapshot);
                     self.metrics.reset();
                     self.machine.set_committed(snapshot.clone());
                     self.publish(Committed::current(snapshot))?;
@@ -273,6 +280,13 @@ impl PartitionWorker {
             }
         }
         Ok(())
+    }
+
+    /// The consumer group's offset follows each commit (for Kafka's tools).
+    fn tell_group(&self, snapshot: &Snapshot) {
+        if let Some(group) = &self.group {
+            group.committed(self.partition(), snapshot.next_offset);
+        }
     }
 
     /// A context for a new client, counting its fetch requests as `client`.
@@ -393,6 +407,7 @@ impl PartitionWorker {
                         self.metrics
                             .committed(&counts, snapshot.next_offset, started.elapsed());
                         self.progress.update(&snapshot);
+                        self.tell_group(&snapshot);
                         Some(snapshot)
                     }
                     // Shutdown during a storage fault: nothing more to do.

@@ -18,11 +18,18 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use weatherstream::published::parse_partition_json;
 use weatherstream::report;
 
+pub mod tls;
+
 /// A broker for one test.
 pub struct Broker {
     pub bootstrap: String,
     child: Option<Child>,
     storage: Storage,
+    /// What tansu tells clients to connect to (a TLS front's port), when
+    /// not its own listener.
+    advertised: Option<String>,
+    /// tansu's `--authentication` (SASL SCRAM required).
+    authentication: bool,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -79,6 +86,8 @@ impl Broker {
                 bootstrap,
                 child: None,
                 storage,
+                advertised: None,
+                authentication: false,
                 _dir: None,
             };
         }
@@ -87,10 +96,13 @@ impl Broker {
             let port = free_port();
             let mut broker = Broker {
                 bootstrap: format!("127.0.0.1:{port}"),
-                child: Some(spawn_tansu(dir.path(), port, storage)),
+                child: None,
                 storage,
+                advertised: None,
+                authentication: false,
                 _dir: None,
             };
+            broker.child = Some(broker.spawn(dir.path(), port));
             if broker.wait_listening() {
                 broker._dir = Some(dir);
                 return broker;
@@ -154,8 +166,8 @@ impl Broker {
     /// Starts the killed broker again on the same address and data.
     pub fn restart(&mut self) {
         let dir = self._dir.as_ref().expect("a broker this test started");
-        let port: u16 = self.bootstrap.rsplit(':').next().unwrap().parse().unwrap();
-        self.child = Some(spawn_tansu(dir.path(), port, self.storage));
+        let port = self.port();
+        self.child = Some(self.spawn(dir.path(), port));
         assert!(
             self.wait_listening(),
             "tansu did not restart on port {port}"
@@ -180,31 +192,72 @@ fn signal_child(child: &Child, signal: libc::c_int) {
     assert_eq!(status, 0, "kill({pid}, {signal}) failed");
 }
 
-/// tansu listening on loopback `port`, its data (sqlite) and log in `dir`.
-fn spawn_tansu(dir: &Path, port: u16, storage: Storage) -> Child {
-    let url = format!("tcp://127.0.0.1:{port}");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("tansu.log"))
-        .unwrap();
-    Command::new(tansu_bin())
-        .current_dir(dir)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(match storage {
-            Storage::Sqlite => &["--storage-engine", "sqlite://tansu.db"][..],
-            Storage::Memory => &[],
-        })
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("starting tansu")
+impl Broker {
+    /// tansu listening on loopback `port`, its data (sqlite) and log in `dir`.
+    fn spawn(&self, dir: &Path, port: u16) -> Child {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = self
+            .advertised
+            .as_ref()
+            .map_or_else(|| url.clone(), |address| format!("tcp://{address}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .unwrap();
+        Command::new(tansu_bin())
+            .current_dir(dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
+            .args(match self.storage {
+                Storage::Sqlite => &["--storage-engine", "sqlite://tansu.db"][..],
+                Storage::Memory => &[],
+            })
+            .args(self.authentication.then_some("--authentication"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting tansu")
+    }
+
+    /// The port tansu itself listens on (plain TCP).
+    pub fn port(&self) -> u16 {
+        self.bootstrap.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Restarts the broker (kept data) advertising `address` to clients,
+    /// e.g. the TLS front of [`tls::Stunnel`], and with `--authentication`
+    /// when `authentication` is set.
+    pub fn restart_as(&mut self, advertised: &str, authentication: bool) {
+        assert!(self.is_ours(), "not a broker this test started");
+        self.kill();
+        self.advertised = Some(advertised.to_string());
+        self.authentication = authentication;
+        self.restart();
+    }
+
+    /// Creates a SCRAM user through tansu's own admin command. tansu 0.6
+    /// takes it only from a broker that does not require authentication yet
+    /// (then restart it with [`Broker::restart_as`]).
+    pub fn create_scram_user(&self, name: &str, password: &str) {
+        let out = Command::new(tansu_bin())
+            .args(["user", "create", "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://{}", self.bootstrap))
+            .args([name, password])
+            .output()
+            .expect("running tansu user create");
+        assert!(
+            out.status.success(),
+            "tansu user create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 impl Drop for Broker {
@@ -416,12 +469,27 @@ pub fn read_topic(
     expected: usize,
     timeout: Duration,
 ) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    read_topic_with(bootstrap, &[], topic, partitions, expected, timeout)
+}
+
+/// [`read_topic`] with client properties of its own (TLS, SASL).
+pub fn read_topic_with(
+    bootstrap: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "test-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+        .set("enable.auto.commit", "false");
+    for (key, value) in properties {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config.create().unwrap();
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
         list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
