@@ -285,3 +285,81 @@ fn a_partition_behind_and_stalled_is_told_once_and_when_it_moves_again() {
     // A broker that answers nothing is waited for, not read from again.
     assert!(!log.contains("reading again from offset"), "{log}");
 }
+
+/// A record batch that cannot be decoded (its attributes say gzip, its
+/// data is not) after good reports on partition 1: the reports before it
+/// are counted exactly, partition 1 stops at it with one warning naming the
+/// offset and the cause and shows as stalled in the progress line and the
+/// metric, and the other partitions are not held up.
+#[test]
+fn an_undecodable_batch_stalls_its_partition_with_one_warning_naming_offset_and_cause() {
+    let broker = Broker::start_with(Storage::Memory);
+    let topic = unique_topic("undecodable");
+    produce(&broker, &topic, 300, 3);
+    let records = read_topic(
+        &broker.bootstrap,
+        &topic,
+        4,
+        reports_for(300, 3),
+        Duration::from_secs(60),
+    );
+    let ends = end_offsets(&records);
+    let at = wire::produce_batch(&broker.bootstrap, &topic, 1, &wire::corrupt_gzip_batch(3));
+    assert_eq!(at, ends[&1], "the bad batch follows the good reports");
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let mut cmd = broker.consumer_cmd(&topic);
+    cmd.args(["--metrics-addr", "127.0.0.1:0", "--files"])
+        .arg(&files)
+        .args(["0", "1", "2", "3"]);
+    let mut consumer = Running::spawn(cmd);
+    let address = consumer.listening_address();
+    wait_for_records(&files, &records, Duration::from_secs(60));
+    let warning = format!("partition 1: STALLED: cannot decode the record batch at offset {at}");
+    wait_until("the warning", Duration::from_secs(30), || {
+        consumer.stderr_text().contains(&warning)
+    });
+    let stalled = |partition: i32| {
+        let (_, _, body) = http(&address, "GET", "/metrics", None);
+        let series = format!("weatherstream_progress_stalled{{partition=\"{partition}\"}} ");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&series).map(str::to_string))
+    };
+    wait_until("the stalled metric", Duration::from_secs(10), || {
+        stalled(1).as_deref() == Some("1")
+    });
+    // A progress line (every 10 s) comes after the batch has been fetched
+    // and refused again and again.
+    let progress = format!("partition 1: next offset {at},");
+    wait_until(
+        "a progress line that says so",
+        Duration::from_secs(30),
+        || {
+            consumer.stderr_text().lines().any(|l| {
+                l.contains(&progress)
+                    && l.ends_with(&format!(
+                        "STALLED: cannot decode the record batch at offset {at}"
+                    ))
+            })
+        },
+    );
+    for partition in [0, 2, 3] {
+        assert_eq!(
+            stalled(partition).as_deref(),
+            Some("0"),
+            "partition {partition}"
+        );
+    }
+    assert!(consumer.terminate().success());
+    let log = consumer.stderr_text();
+    assert_eq!(log.matches(&warning).count(), 1, "{log}");
+    assert!(
+        log.contains("its compressed data cannot be decompressed"),
+        "the cause: {log}"
+    );
+    assert!(!log.contains("Message consumption error"), "{log}");
+    assert_eq!(published_offsets(&files)[1], Some(at));
+    assert_files_match(&files, &recompute(&records), 4);
+}

@@ -321,6 +321,100 @@ fn the_whole_pipeline_runs_over_tls_with_a_private_ca() {
     );
 }
 
+/// Sends the reports of `seed`'s stream for days `from..to` with a client
+/// of the test's own (the producer re-creates its topic).
+fn append_reports(
+    bootstrap: &str,
+    settings: &[(&str, &str)],
+    topic: &str,
+    seed: u64,
+    days: std::ops::Range<u64>,
+) {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let client: BaseProducer = config.create().unwrap();
+    let mut generator = weatherstream::generator::WeatherGenerator::new(Some(seed));
+    while generator.days_generated() < days.start {
+        generator.next();
+    }
+    while generator.days_generated() < days.end {
+        let obs = generator.next().unwrap();
+        let value = weatherstream::report::encode(obs.date, obs.degrees);
+        let key = weatherstream::report::key_for(obs.date);
+        while client
+            .send(BaseRecord::to(topic).key(key).payload(&value))
+            .is_err()
+        {
+            client.poll(Duration::from_millis(10));
+        }
+    }
+    client.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// After start-up, the broker turns untrusted (its certificate is now of
+/// another CA, as after a botched renewal; for a client, the same failure
+/// as revoked credentials): one warning, then the consumer waits and
+/// retries like in an outage, and when the broker is trusted again it
+/// counts what came meanwhile, exactly.
+#[test]
+fn a_tls_failure_after_start_up_is_one_warning_then_waited_out_with_nothing_lost() {
+    let Some(mut s) = secured(false, false) else {
+        return;
+    };
+    let files = s.dir.path().join("files");
+    let tls = s.tls();
+    let connect = Connect::Args(s.stunnel.address(), tls.clone());
+    let topic = unique_topic("untrusted");
+    let out = producer(&connect, &topic, 200, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut consumer = consumer(&connect, &topic, &files, &["0", "1", "2", "3"]);
+    let first = read_topic_with(
+        &s.stunnel.address(),
+        &props(&tls),
+        &topic,
+        4,
+        reports_for(200, 5),
+        Duration::from_secs(60),
+    );
+    wait_for_records(&files, &first, Duration::from_secs(60));
+
+    let port = s.stunnel.port;
+    s.stunnel.stop();
+    let impostor = Stunnel::start_at(port, &s.pki, "impostor", s.broker.port(), false);
+    wait_until("the warning", Duration::from_secs(60), || {
+        consumer.stderr_text().contains("broker unreachable")
+    });
+    // Reconnect attempts go on, each refused: still one warning.
+    wait_until("more refused handshakes", Duration::from_secs(60), || {
+        impostor.log(&s.pki).matches("SSL_accept").count() >= 5
+    });
+    drop(impostor);
+    s.stunnel = Stunnel::start_at(port, &s.pki, "server", s.broker.port(), false);
+    append_reports(&s.stunnel.address(), &props(&tls), &topic, 5, 200..400);
+    let all = read_topic_with(
+        &s.stunnel.address(),
+        &props(&tls),
+        &topic,
+        4,
+        reports_for(400, 5),
+        Duration::from_secs(60),
+    );
+    wait_for_records(&files, &all, Duration::from_secs(120));
+    assert_files_match(&files, &recompute(&all), 4);
+    assert!(consumer.terminate().success());
+    let log = consumer.stderr_text();
+    let warning: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("broker unreachable"))
+        .collect();
+    assert_eq!(warning.len(), 1, "{log}");
+    assert!(warning[0].contains("SSL"), "{log}");
+    assert_eq!(log.matches("broker reachable again").count(), 1, "{log}");
+}
+
 #[test]
 fn the_system_ca_store_is_found_without_ssl_ca_location() {
     let Some(s) = secured(false, false) else {

@@ -149,6 +149,27 @@ pub(super) fn is_outage(error: &KafkaError) -> bool {
     )
 }
 
+/// A record batch the client cannot decode: a codec or message format
+/// this build lacks, corrupt compressed data, a corrupt batch. librdkafka
+/// fetches the same offset again and fails again, so the partition stops
+/// there until the batch can be read; what the cause probably is, for the
+/// warning.
+pub(super) fn undecodable(error: &KafkaError) -> Option<&'static str> {
+    match error.rdkafka_error_code()? {
+        RDKafkaErrorCode::NotImplemented | RDKafkaErrorCode::UnsupportedForMessageFormat => {
+            Some("a compression codec or message format this build of librdkafka cannot read")
+        }
+        RDKafkaErrorCode::BadCompression | RDKafkaErrorCode::UnsupportedCompressionType => {
+            Some("its compressed data cannot be decompressed")
+        }
+        RDKafkaErrorCode::BadMessage
+        | RDKafkaErrorCode::InvalidMessage
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::InvalidRecord => Some("the batch is corrupt"),
+        _ => None,
+    }
+}
+
 /// One connection failed; librdkafka reconnects with backoff.
 pub(super) fn is_reconnect(error: &KafkaError) -> bool {
     error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure)

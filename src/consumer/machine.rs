@@ -150,6 +150,8 @@ pub(crate) enum BatchEnd {
     Suspect(Suspicion),
     /// A poll failed with an error that needs no check.
     PollFailed { read_nothing: bool },
+    /// The record batch at `offset` cannot be decoded.
+    Undecodable { offset: Offset },
 }
 
 /// A poll error, as far as the decisions care.
@@ -160,6 +162,9 @@ pub(crate) enum PollError {
     NeedsCheck(String),
     /// Anything else (broker down, timeouts): librdkafka retries by itself.
     Transient,
+    /// The record batch at the batch's next offset cannot be decoded (a
+    /// codec this build lacks, corrupt data): librdkafka fetches it again.
+    Undecodable,
 }
 
 /// What happened, for [`PartitionMachine::handle`].
@@ -369,6 +374,9 @@ pub(crate) struct PartitionMachine {
     /// with this partition.
     follow_after: Option<Instant>,
     rereads: Rereads,
+    /// The offset of a record batch that cannot be decoded, while the
+    /// partition stands there: a re-read from earlier cannot get past it.
+    undecodable_at: Option<Offset>,
     /// Reused protobuf buffer: no allocation per record.
     validator: Validator,
 }
@@ -396,6 +404,7 @@ impl PartitionMachine {
             following: false,
             follow_after: None,
             rereads: Rereads::default(),
+            undecodable_at: None,
             validator: Validator::default(),
         }
     }
@@ -596,6 +605,7 @@ impl PartitionMachine {
                 since: now,
             };
             self.silence_answers = None;
+            self.undecodable_at = None;
         }
         let (full, drained) = (end == BatchEnd::Full, end == BatchEnd::Drained);
         match end {
@@ -613,6 +623,10 @@ impl PartitionMachine {
                     actions.push(Action::Pause(POLL_ERROR_BACKOFF));
                 }
                 actions.extend(self.on_silence(high_watermark, broker_responses, now));
+            }
+            BatchEnd::Undecodable { offset } => {
+                self.undecodable_at = Some(offset);
+                actions.push(Action::Pause(POLL_ERROR_BACKOFF));
             }
             BatchEnd::Full | BatchEnd::Drained => {
                 actions.extend(self.on_silence(high_watermark, broker_responses, now))
@@ -665,7 +679,8 @@ impl PartitionMachine {
         let next_offset = self.committed.next_offset;
         let silent = now.saturating_duration_since(self.progressed.since) >= FETCH_STALL;
         let log_goes_on = high_watermark.is_some_and(|high| high > next_offset);
-        if next_offset == 0 || !silent || !log_goes_on {
+        let undecodable = self.undecodable_at == Some(next_offset);
+        if next_offset == 0 || !silent || !log_goes_on || undecodable {
             return Vec::new();
         }
         self.progressed.since = now;
@@ -778,6 +793,11 @@ impl<R: Record> BatchReader<'_, R> {
         Flow::Stop
     }
 
+    /// The offset the batch reads next.
+    pub(crate) fn next_offset(&self) -> Offset {
+        self.next_offset
+    }
+
     /// Takes one record.
     pub(crate) fn offer(&mut self, record: R) -> Flow {
         let offset = record.offset();
@@ -835,6 +855,9 @@ impl<R: Record> BatchReader<'_, R> {
             }
             PollError::Transient => self.stop(BatchEnd::PollFailed {
                 read_nothing: self.seen == 0,
+            }),
+            PollError::Undecodable => self.stop(BatchEnd::Undecodable {
+                offset: self.next_offset,
             }),
         }
     }
@@ -1314,6 +1337,34 @@ mod tests {
         let (_, end) = harness.read(vec![report(250_000, 1, 1.0)], high);
         assert_eq!(end, BatchEnd::Drained);
         assert_eq!(harness.snapshot().next_offset, 250_001);
+    }
+
+    #[test]
+    fn an_undecodable_batch_is_fetched_again_where_it_is_never_read_around_or_from_earlier() {
+        let mut harness = Harness::at(0);
+        harness.read(reports(0, 5), Some(8));
+        let high = Some(8);
+        for _ in 0..5 {
+            harness.later(FETCH_STALL);
+            let polled = [Ok(report(5, 6, 1.0)), Err(PollError::Undecodable)];
+            let (actions, end) = harness.read_with(polled, high);
+            assert_eq!(end, BatchEnd::Undecodable { offset: 6 });
+            assert!(
+                actions
+                    .iter()
+                    .all(|a| matches!(a, Action::Pause(_) | Action::Publish { .. })),
+                "{actions:?}"
+            );
+            // Silence after it is no reason to read from earlier either.
+            harness.later(FETCH_STALL);
+            let (actions, _) = harness.read(Vec::new(), high);
+            assert_eq!(actions, [], "no re-read");
+        }
+        assert_eq!(harness.snapshot().next_offset, 6, "nothing skipped");
+        // Once the batch can be read, counting goes on from it.
+        let (_, end) = harness.read(reports(6, 8), high);
+        assert_eq!(end, BatchEnd::Drained);
+        assert_eq!(harness.snapshot().next_offset, 8);
     }
 
     #[test]

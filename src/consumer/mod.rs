@@ -138,6 +138,8 @@ struct Progress {
     lag: AtomicI64,
     /// Commits fail (a full disk): the partition waits for its storage.
     storage_stalled: AtomicBool,
+    /// The offset of a record batch that cannot be decoded; -1: none.
+    undecodable_at: AtomicI64,
 }
 
 impl Progress {
@@ -149,6 +151,7 @@ impl Progress {
             malformed: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
             storage_stalled: AtomicBool::new(false),
+            undecodable_at: AtomicI64::new(-1),
         };
         this.update(snapshot);
         this
@@ -513,10 +516,13 @@ fn supervise(
                 l if l < 0 => "unknown".to_string(),
                 l => l.to_string(),
             };
+            let undecodable_at = p.undecodable_at.load(Ordering::Relaxed);
             let stalled = if p.storage_stalled.load(Ordering::Relaxed) {
-                ", STALLED: commits fail (storage)"
+                ", STALLED: commits fail (storage)".to_string()
+            } else if undecodable_at >= 0 {
+                format!(", STALLED: cannot decode the record batch at offset {undecodable_at}")
             } else {
-                ""
+                String::new()
             };
             log::info!(
                 "partition {}: next offset {next}, {rate:.1} reports/s, {} duplicates dropped, {} malformed skipped, lag {lag}{stalled}",
@@ -533,14 +539,19 @@ fn supervise(
 fn watch_stall(worker: &WorkerHandle, watch: &mut StallWatch, link: &BrokerLink) {
     let p = &worker.progress;
     let next_offset = p.next_offset.load(Ordering::Relaxed);
-    // A storage fault and a broker outage have warnings of their own.
+    // A storage fault, an undecodable batch and a broker outage have
+    // warnings of their own.
+    let undecodable = p.undecodable_at.load(Ordering::Relaxed) >= 0;
     let lag = Some(p.lag.load(Ordering::Relaxed))
         .filter(|lag| *lag >= 0)
-        .filter(|_| !p.storage_stalled.load(Ordering::Relaxed) && !link.is_down());
-    let Some(news) = watch.observe(next_offset, lag, Instant::now()) else {
+        .filter(|_| !p.storage_stalled.load(Ordering::Relaxed) && !undecodable && !link.is_down());
+    let news = watch.observe(next_offset, lag, Instant::now());
+    worker
+        .metrics
+        .set_progress_stalled(watch.is_stalled() || undecodable);
+    let Some(news) = news else {
         return;
     };
-    worker.metrics.set_progress_stalled(watch.is_stalled());
     match news {
         StallNews::Stalled {
             lag,

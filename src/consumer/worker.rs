@@ -9,6 +9,7 @@
 //! module only does what it says.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,9 @@ use crossbeam_channel::Sender;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 
-use super::clients::{is_outage, is_reconnect, own_client, Observed, Reader, SharedClient};
+use super::clients::{
+    is_outage, is_reconnect, own_client, undecodable, Observed, Reader, SharedClient,
+};
 use super::group_offsets::GroupOffsets;
 use super::machine::{
     Action, Event, Flow, Limits, PartitionMachine, PollError, Record, StorageRetry,
@@ -94,6 +97,47 @@ pub(super) struct PartitionWorker {
     storage_errors: LogLimiter,
     rereads_deferred: LogLimiter,
     follow_refused: LogLimiter,
+    undecodable: UndecodableBatch,
+}
+
+/// A record batch the partition cannot decode: one warning per offset, and
+/// the offset in the progress, where the supervisor shows the partition as
+/// stalled. Nothing is skipped: counting the batch later, or never, is the
+/// only exactly-once choice.
+struct UndecodableBatch {
+    /// The batch's offset once warned about; None while the partition reads.
+    at: Option<Offset>,
+    progress: Arc<Progress>,
+}
+
+impl UndecodableBatch {
+    fn refused(&mut self, offset: Offset, error: &KafkaError) {
+        if self.at == Some(offset) {
+            return;
+        }
+        self.at = Some(offset);
+        self.progress
+            .undecodable_at
+            .store(offset, Ordering::Relaxed);
+        log::warn!(
+            "partition {}: STALLED: cannot decode the record batch at offset {offset}: {} (librdkafka: {}); it is fetched again, and nothing after it is counted until it can be read",
+            self.progress.partition,
+            undecodable(error).unwrap_or("undecodable"),
+            error
+                .rdkafka_error_code()
+                .map_or_else(|| error.to_string(), |code| code.to_string()),
+        );
+    }
+
+    fn read_again(&mut self) {
+        if let Some(offset) = self.at.take() {
+            self.progress.undecodable_at.store(-1, Ordering::Relaxed);
+            log::warn!(
+                "partition {}: reading again past the batch at offset {offset} that could not be decoded",
+                self.progress.partition
+            );
+        }
+    }
 }
 
 /// What a worker is given besides its partition's state.
@@ -134,7 +178,7 @@ impl PartitionWorker {
             config,
             state,
             exporter,
-            progress,
+            progress: progress.clone(),
             all_metrics,
             shutdown,
             reader: None,
@@ -146,6 +190,7 @@ impl PartitionWorker {
             storage_errors: LogLimiter::new(STORAGE_ERROR_LOG_INTERVAL),
             rereads_deferred: LogLimiter::new(REREAD_DEFERRED_LOG_INTERVAL),
             follow_refused: LogLimiter::new(FOLLOW_REFUSED_LOG_INTERVAL),
+            undecodable: UndecodableBatch { at: None, progress },
         }
     }
 
@@ -366,6 +411,10 @@ impl PartitionWorker {
                 Err(error) if needs_verification(&error) => {
                     batch.poll_error(PollError::NeedsCheck(format!("consumer error: {error}")))
                 }
+                Err(error) if undecodable(&error).is_some() => {
+                    self.undecodable.refused(batch.next_offset(), &error);
+                    batch.poll_error(PollError::Undecodable)
+                }
                 Err(error) if is_outage(&error) => {
                     self.link.down(&error);
                     batch.poll_error(PollError::Transient)
@@ -392,6 +441,9 @@ impl PartitionWorker {
         }
         if got_records {
             self.link.up();
+        }
+        if batch.next_offset() > self.undecodable.at.unwrap_or(Offset::MAX) {
+            self.undecodable.read_again();
         }
         let (commit, end) = batch.finish();
         let committed = match commit {
@@ -510,7 +562,7 @@ impl PartitionWorker {
     fn set_storage_stalled(&self, stalled: bool) {
         self.progress
             .storage_stalled
-            .store(stalled, std::sync::atomic::Ordering::Relaxed);
+            .store(stalled, Ordering::Relaxed);
         self.metrics.set_storage_stalled(stalled);
     }
 

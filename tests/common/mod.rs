@@ -19,6 +19,7 @@ use weatherstream::published::parse_partition_json;
 use weatherstream::report;
 
 pub mod tls;
+pub mod wire;
 
 /// A broker for one test.
 pub struct Broker {

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A private CA with a server certificate for `localhost`/127.0.0.1, a
-/// client certificate, and a second CA that signed none of them.
+/// A private CA with a server certificate for `localhost`/127.0.0.1 and a
+/// client certificate, and a second CA with a server certificate of its
+/// own ("impostor", for a server the clients do not trust).
 pub struct Pki {
     pub dir: PathBuf,
 }
@@ -56,7 +57,11 @@ impl Pki {
         )
         .unwrap();
         std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        for (name, cn) in [("server", "localhost"), ("client", "weatherstream-client")] {
+        for (name, cn, ca, ext) in [
+            ("server", "localhost", "ca", "server"),
+            ("client", "weatherstream-client", "ca", "client"),
+            ("impostor", "localhost", "other-ca", "server"),
+        ] {
             openssl(
                 dir,
                 &[
@@ -80,14 +85,14 @@ impl Pki {
                     "-in",
                     &format!("{name}.csr"),
                     "-CA",
-                    "ca.pem",
+                    &format!("{ca}.pem"),
                     "-CAkey",
-                    "ca.key",
+                    &format!("{ca}.key"),
                     "-CAcreateserial",
                     "-days",
                     "2",
                     "-extfile",
-                    &format!("{name}.ext"),
+                    &format!("{ext}.ext"),
                     "-out",
                     &format!("{name}.pem"),
                 ],
@@ -108,13 +113,31 @@ impl Pki {
 /// the CA get through (stunnel `verify = 2`).
 pub struct Stunnel {
     pub port: u16,
+    cert: String,
     child: Child,
 }
 
 impl Stunnel {
     pub fn start(pki: &Pki, backend_port: u16, require_client_cert: bool) -> Stunnel {
-        let port = super::free_port();
-        let config = pki.dir.join(format!("stunnel-{port}.conf"));
+        Self::start_at(
+            super::free_port(),
+            pki,
+            "server",
+            backend_port,
+            require_client_cert,
+        )
+    }
+
+    /// On `port`, presenting certificate `cert` of `pki` ("server", or
+    /// "impostor" of the other CA).
+    pub fn start_at(
+        port: u16,
+        pki: &Pki,
+        cert: &str,
+        backend_port: u16,
+        require_client_cert: bool,
+    ) -> Stunnel {
+        let config = pki.dir.join(format!("stunnel-{port}-{cert}.conf"));
         let verify = if require_client_cert {
             format!("CAfile = {}\nverify = 2\n", pki.path("ca.pem"))
         } else {
@@ -124,9 +147,9 @@ impl Stunnel {
             &config,
             format!(
                 "foreground = yes\npid =\ndebug = 4\noutput = {log}\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend_port}\ncert = {cert}\nkey = {key}\n{verify}",
-                log = pki.path(&format!("stunnel-{port}.log")),
-                cert = pki.path("server.pem"),
-                key = pki.path("server.key"),
+                log = pki.path(&format!("stunnel-{port}-{cert}.log")),
+                cert = pki.path(&format!("{cert}.pem")),
+                key = pki.path(&format!("{cert}.key")),
             ),
         )
         .unwrap();
@@ -136,7 +159,11 @@ impl Stunnel {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting stunnel (scripts/install-tls-tools.sh installs it)");
-        let mut stunnel = Stunnel { port, child };
+        let mut stunnel = Stunnel {
+            port,
+            cert: cert.to_string(),
+            child,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = stunnel.child.try_wait() {
@@ -148,15 +175,28 @@ impl Stunnel {
         stunnel
     }
 
+    /// What stunnel logged.
+    pub fn log(&self, pki: &Pki) -> String {
+        std::fs::read_to_string(pki.path(&format!("stunnel-{}-{}.log", self.port, self.cert)))
+            .unwrap_or_default()
+    }
+
     /// The address clients use: the certificate's name, and the port.
     pub fn address(&self) -> String {
         format!("localhost:{}", self.port)
     }
 }
 
-impl Drop for Stunnel {
-    fn drop(&mut self) {
+impl Stunnel {
+    /// Stops it (its port is free once this returns).
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Stunnel {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
