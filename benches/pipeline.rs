@@ -49,7 +49,9 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use weatherstream::aggregate::{Aggregates, BatchFold};
 use weatherstream::generator::WeatherGenerator;
 use weatherstream::kafka::TopicAdmin;
-use weatherstream::producer::{flush_promptly, production_settings, ProducerConfig, ReportSender};
+use weatherstream::producer::{
+    flush_promptly, production_settings, ProducerConfig, ReportSender, TopicStart,
+};
 use weatherstream::report::{self, MONTH_NAMES};
 use weatherstream::shutdown::Shutdown;
 use weatherstream::state::{BatchCommit, PartitionState};
@@ -340,8 +342,7 @@ fn producer_ours(broker: &Broker, days: u64) -> (String, f64, f64) {
         delay: Duration::ZERO,
         days: Some(days),
         seed: Some(1),
-        recreate_topic: true,
-        skip_days: 0,
+        start: TopicStart::Recreate,
         print_topics: false,
     };
     let cpu = own_cpu_seconds();

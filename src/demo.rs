@@ -20,7 +20,7 @@ use crate::chart::{self, partition_files};
 use crate::consumer::{self, ConsumerConfig};
 use crate::dashboard::DashboardServer;
 use crate::kafka::{ClientSettings, DEFAULT_TOPIC};
-use crate::producer::{self, ProducerConfig};
+use crate::producer::{self, ProducerConfig, TopicStart};
 use crate::published::parse_partition_json;
 use crate::report::month_name;
 use crate::shutdown::Shutdown;
@@ -214,8 +214,11 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         delay: config.delay,
         days: Some(target_days),
         seed: Some(seed),
-        recreate_topic: embedded.is_none() && previous.days == 0,
-        skip_days: if replay { 0 } else { previous.days },
+        start: if embedded.is_none() && previous.days == 0 {
+            TopicStart::Recreate
+        } else {
+            TopicStart::FromDay(if replay { 0 } else { previous.days })
+        },
         print_topics: false,
     };
     let consumer_config = {
@@ -263,8 +266,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
                 let more = ProducerConfig {
                     delay: FOLLOW_DELAY,
                     days: None,
-                    recreate_topic: false,
-                    skip_days: summary.days,
+                    start: TopicStart::FromDay(summary.days),
                     ..config
                 };
                 Ok(producer::run(&more, &stop)?.days)

@@ -28,6 +28,7 @@ pub mod published;
 mod pyfmt;
 pub mod recount;
 pub mod report;
+pub mod resume;
 pub mod shutdown;
 pub mod state;
 pub mod tools;

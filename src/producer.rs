@@ -23,9 +23,10 @@ use rdkafka::ClientConfig;
 
 use crate::broker_link::BrokerLink;
 use crate::generator::{Observation, WeatherGenerator};
-use crate::kafka::{client_config, ClientSettings, SetDefault, TopicAdmin};
+use crate::kafka::{client_config, AdminError, ClientSettings, SetDefault, TopicAdmin};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::report;
+use crate::resume::{self, ResumePoint};
 use crate::shutdown::Shutdown;
 
 /// What `producer` is asked to do.
@@ -40,13 +41,24 @@ pub struct ProducerConfig {
     /// Stop after this many distinct days; None: run until shut down.
     pub days: Option<u64>,
     pub seed: Option<u64>,
-    /// Delete and re-create the topic first (the assignment's behaviour).
-    pub recreate_topic: bool,
-    /// Advance the generator by this many days without sending (continue a
-    /// seeded stream where an earlier run stopped).
-    pub skip_days: u64,
+    /// What happens to the topic, and from which day the stream is sent.
+    pub start: TopicStart,
     /// Print the topic list on stdout at start-up, as the assignment does.
     pub print_topics: bool,
+}
+
+/// How a run treats its topic and where its stream starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicStart {
+    /// Delete the topic, create it afresh and send from day 0: the
+    /// assignment's behaviour. Needs the right to delete and create it.
+    Recreate,
+    /// `--keep-topic`: delete nothing, create the topic only if it is
+    /// missing, and resume after the days it holds (see [`crate::resume`]).
+    Resume,
+    /// Keep the topic (create it if missing) and send from day `day`,
+    /// replaying the generator up to it (`demo` continuing its stream).
+    FromDay(u64),
 }
 
 /// Counts of one run.
@@ -276,6 +288,8 @@ const CHUNK_REPORTS: usize = 8192;
 /// flush: the queue drains in well under a millisecond at full speed, and a
 /// longer nap leaves the connection idle.
 const QUEUE_RETRY: Duration = Duration::from_millis(1);
+/// Longest wait for a created topic to be listed.
+const TOPIC_LISTED_TIMEOUT: Duration = Duration::from_secs(30);
 /// Progress lines while sending, at most this often.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest the final flush waits for acknowledgements: librdkafka's own
@@ -372,23 +386,109 @@ impl Drop for Pregenerated {
     }
 }
 
-/// Runs the producer until `--days` are delivered or shutdown is requested.
-pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<ProducerSummary> {
+/// Prepares the topic as `config.start` says; returns the first day to send.
+fn prepare_topic(config: &ProducerConfig) -> anyhow::Result<u64> {
     let admin = TopicAdmin::connect(&config.client)?;
-    if config.recreate_topic {
-        admin.recreate_topic(&config.topic, config.partitions, config.replication_factor)?;
-    } else if admin.partition_count(&config.topic)?.is_none() {
-        admin.create_topic(&config.topic, config.partitions, config.replication_factor)?;
-    }
+    let first_day = match config.start {
+        TopicStart::Recreate => {
+            admin.recreate_topic(&config.topic, config.partitions, config.replication_factor)?;
+            0
+        }
+        TopicStart::FromDay(day) => {
+            if admin.partition_count(&config.topic)?.is_none() {
+                create_missing_topic(&admin, config)?;
+            }
+            day
+        }
+        TopicStart::Resume => match admin.partition_count(&config.topic)? {
+            None => {
+                create_missing_topic(&admin, config)?;
+                log::info!(
+                    "topic {} did not exist: created it with {} partitions; the stream starts at 1990-01-01",
+                    config.topic,
+                    config.partitions
+                );
+                0
+            }
+            Some(count) if count != config.partitions as usize => bail!(
+                "topic {} has {count} partitions, not the {} of --partitions: a month's reports would go to another partition than before; nothing was sent",
+                config.topic,
+                config.partitions
+            ),
+            Some(count) => resume_point(config, count)?,
+        },
+    };
     if config.print_topics {
         let topics = admin.topics()?;
         println!("Topics: {:?}", topics.keys().collect::<Vec<_>>());
     }
-    drop(admin);
+    Ok(first_day)
+}
 
+fn create_missing_topic(admin: &TopicAdmin, config: &ProducerConfig) -> anyhow::Result<()> {
+    match admin.create_topic(&config.topic, config.partitions, config.replication_factor) {
+        Err(AdminError::TopicOperation { code, .. }) if is_denied(code) => bail!(
+            "topic {} does not exist, and this client may not create it ({code}): create it with {} partitions, or grant Create on it (an existing topic needs only Describe, Read and Write)",
+            config.topic,
+            config.partitions
+        ),
+        result => {
+            result?;
+            admin.wait_for(&config.topic, "to be listed", TOPIC_LISTED_TIMEOUT, |count| {
+                count.is_some()
+            })?;
+            Ok(())
+        }
+    }
+}
+
+fn is_denied(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::PolicyViolation
+    )
+}
+
+/// Where `--keep-topic` resumes the stream in a topic of `partitions`.
+fn resume_point(config: &ProducerConfig, partitions: usize) -> anyhow::Result<u64> {
+    let newest = resume::newest_dates(&config.client, &config.topic, partitions)?;
+    let point = ResumePoint::from_newest(&newest);
+    let Some(newest) = point.newest else {
+        log::info!(
+            "topic {} holds no report of this stream: the stream starts at 1990-01-01",
+            config.topic
+        );
+        return Ok(0);
+    };
+    let missing = point
+        .first_missing_date()
+        .map_or_else(|| "none".to_string(), |date| date.to_string());
+    match config.days {
+        Some(days) if point.first_missing_day >= days => log::info!(
+            "topic {} holds reports up to {newest}, {} the {days} days of --days: nothing to send",
+            config.topic,
+            if point.first_missing_day > days { "beyond" } else { "all of" },
+        ),
+        _ => log::info!(
+            "topic {} holds reports up to {newest}; the first missing day is {missing} (day {}); {} days after it are in the topic and are sent again (consumers drop them)",
+            config.topic,
+            point.first_missing_day,
+            point.resent_days
+        ),
+    }
+    Ok(point.first_missing_day)
+}
+
+/// Runs the producer until `--days` are delivered or shutdown is requested.
+pub fn run(config: &ProducerConfig, shutdown: &Shutdown) -> anyhow::Result<ProducerSummary> {
+    let first_day = prepare_topic(config)?;
     let sender = ReportSender::new(&config.client, &config.topic, config.delay)?;
     let mut generator = WeatherGenerator::new(config.seed);
-    while generator.days_generated() < config.skip_days {
+    // With a seed, the replay makes the rest the same stream (duplicates
+    // included) as one uninterrupted run.
+    while generator.days_generated() < first_day {
         generator.next();
     }
     let mut days = generator.days_generated();

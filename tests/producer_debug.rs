@@ -14,52 +14,10 @@ use rdkafka::ClientConfig;
 use weatherstream::kafka::TopicAdmin;
 use weatherstream::report;
 
-/// Kafka's murmur2 (the Java client's and kafka-python's default partitioner).
-fn murmur2(data: &[u8]) -> u32 {
-    const M: u32 = 0x5bd1_e995;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let mut chunks = data.chunks_exact(4);
-    for chunk in &mut chunks {
-        let mut k = u32::from_le_bytes(chunk.try_into().unwrap());
-        k = k.wrapping_mul(M);
-        k ^= k >> 24;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= u32::from(rest[2]) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= u32::from(rest[1]) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= u32::from(rest[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h
-}
-
+/// The Java client's placement (murmur2, tested against its reference
+/// values in `resume`'s unit tests).
 fn murmur2_partition(key: &str, partitions: u32) -> i32 {
-    ((murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions) as i32
-}
-
-#[test]
-fn murmur2_matches_the_java_client() {
-    // Reference values of org.apache.kafka.common.utils.Utils.murmur2.
-    assert_eq!(murmur2(b"21") as i32, -973932308);
-    assert_eq!(murmur2(b"foobar") as i32, -790332482);
-    assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
-    assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
-    assert_eq!(
-        murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
-        -58897971
-    );
-    assert_eq!(murmur2(b"abc") as i32, 479470107);
+    weatherstream::resume::partition_for(key.as_bytes(), partitions as usize)
 }
 
 #[test]

@@ -377,6 +377,8 @@ pub(crate) struct PartitionMachine {
     /// The offset of a record batch that cannot be decoded, while the
     /// partition stands there: a re-read from earlier cannot get past it.
     undecodable_at: Option<Offset>,
+    /// The end of the log as last heard, for [`PartitionMachine::release`].
+    high_watermark: Option<Offset>,
     /// Reused protobuf buffer: no allocation per record.
     validator: Validator,
 }
@@ -405,6 +407,7 @@ impl PartitionMachine {
             follow_after: None,
             rereads: Rereads::default(),
             undecodable_at: None,
+            high_watermark: None,
             validator: Validator::default(),
         }
     }
@@ -570,11 +573,19 @@ impl PartitionMachine {
     }
 
     /// A check passed (or there was nothing to check): read on from the
-    /// committed offset, the suspicious record included.
+    /// committed offset, the suspicious record included. After an older
+    /// report, the check proved that the log holding the counted records is
+    /// the one they were counted from, so every record already in it (up
+    /// to the end of the log as last heard) is of the same topic: its older
+    /// reports are re-sends (a producer resumed with `--keep-topic` sends
+    /// days again) and are dropped by the date rule, not checked one by
+    /// one. A re-creation after this shows at the next periodic check.
     fn release(&mut self, now: Instant) -> Vec<Action> {
         if let Phase::Held { suspicion, .. } = &self.phase {
             if let Some(at) = suspicion.at_offset {
-                self.cleared_through = Some(self.cleared_through.map_or(at, |c| c.max(at)));
+                let through = self.high_watermark.map_or(at, |high| at.max(high - 1));
+                self.cleared_through =
+                    Some(self.cleared_through.map_or(through, |c| c.max(through)));
             }
         }
         self.phase = Phase::Reading;
@@ -591,6 +602,9 @@ impl PartitionMachine {
         now: Instant,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
+        if high_watermark.is_some() {
+            self.high_watermark = high_watermark;
+        }
         if let Some(snapshot) = committed {
             self.committed = snapshot;
             let behind = high_watermark.is_some_and(|high| high > self.committed.next_offset);
@@ -1582,6 +1596,29 @@ mod tests {
         let snapshot = harness.snapshot();
         assert_eq!(snapshot.next_offset, 6);
         assert_eq!(snapshot.counters.duplicates, 1);
+    }
+
+    #[test]
+    fn after_one_check_the_older_reports_already_in_the_log_are_dropped_without_another() {
+        // A resumed producer sent days 3..5 again after day 6: one check,
+        // then every re-sent day in the log is a plain duplicate.
+        let mut harness = Harness::counted(6);
+        let resent = vec![report(6, 3, 1.0), report(7, 4, 1.0), report(8, 5, 1.0)];
+        let (_, end) = harness.read(resent.clone(), Some(10));
+        assert!(matches!(end, BatchEnd::Suspect(_)), "{end:?}");
+        harness.tick();
+        let actions = harness.verdict(CheckOutcome::Current { anchor: None });
+        assert_eq!(actions, [Action::ReadFrom(6)]);
+        let mut rest = resent;
+        rest.push(report(9, 7, 2.0));
+        let (_, end) = harness.read(rest, Some(10));
+        assert_eq!(end, BatchEnd::Drained);
+        let snapshot = harness.snapshot();
+        assert_eq!(snapshot.next_offset, 10);
+        assert_eq!(snapshot.counters.duplicates, 3);
+        // A report older still, past the log's end at the check: checked.
+        let (_, end) = harness.read(vec![report(10, 2, 1.0)], Some(11));
+        assert!(matches!(end, BatchEnd::Suspect(_)), "{end:?}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ enum Probed {
 
 /// Longest one forward read of a probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(8);
-/// Silence after reading records that means the log ends there.
+/// Silence after records that ends a read without an answer.
 const PROBE_QUIET: Duration = Duration::from_secs(2);
 
 /// Reads single records by offset, for verification.
@@ -136,7 +136,7 @@ impl RecordProbe {
                 // Nothing at all: some brokers say nothing for an offset in
                 // the middle of their last batch; earlier starts tell.
                 Read::Stalled if from > 0 => continue,
-                Read::Stalled => result = Probed::Unknown,
+                Read::Stalled | Read::Interrupted => result = Probed::Unknown,
             }
             break;
         }
@@ -155,22 +155,19 @@ impl RecordProbe {
         let mut last_progress = Instant::now();
         let mut saw_before = false;
         let result = loop {
-            // Quiet for a while after reading records: the log ends there. A
-            // broker that sends nothing at all is asked again later instead.
+            // Silence is no proof that the log ends: an overloaded broker
+            // goes quiet in the middle of a log too (seen with tansu under a
+            // producer at full speed), and taking that for the end reset
+            // partitions of a topic that was never re-created. Only the end
+            // of the partition or an offset out of range prove it; silence
+            // leaves the question open, to be asked again later.
             let quiet = last_progress.elapsed();
             if self.shutdown.requested() {
                 break Read::Stalled;
             }
-            if quiet >= PROBE_QUIET {
+            if quiet >= PROBE_QUIET || started.elapsed() >= PROBE_TIMEOUT {
                 break if saw_before {
-                    Read::Ended { saw_before }
-                } else {
-                    Read::Stalled
-                };
-            }
-            if started.elapsed() >= PROBE_TIMEOUT {
-                break if saw_before {
-                    Read::Ended { saw_before }
+                    Read::Interrupted
                 } else {
                     Read::Stalled
                 };
@@ -214,7 +211,7 @@ enum Read {
     Passed {
         saw_before: bool,
     },
-    /// The log ended (end of partition, out of range, or quiet after records).
+    /// The log ended (end of partition, or out of range).
     Ended {
         saw_before: bool,
     },
@@ -222,6 +219,8 @@ enum Read {
     Absent,
     /// Nothing at all arrived for a while.
     Stalled,
+    /// Records before the offset came, then nothing for a while.
+    Interrupted,
 }
 
 /// Probes the topic for a request's records; waits while the topic is
