@@ -33,12 +33,8 @@ fn succeeded(out: Output) -> String {
     printed
 }
 
-/// The end offset of each of `topic`'s 4 partitions, asked of the broker.
-fn high_watermarks(broker: &Broker, topic: &str) -> Vec<i64> {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
-        .create()
-        .unwrap();
+/// The end offset of each of `topic`'s 4 partitions, asked through `client`.
+fn high_watermarks_with(client: &BaseConsumer, topic: &str) -> Vec<i64> {
     (0..4)
         .map(|p| {
             client
@@ -46,6 +42,18 @@ fn high_watermarks(broker: &Broker, topic: &str) -> Vec<i64> {
                 .map_or(0, |(_, high)| high)
         })
         .collect()
+}
+
+fn watcher(broker: &Broker) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap()
+}
+
+/// The end offset of each of `topic`'s 4 partitions, asked of the broker.
+fn high_watermarks(broker: &Broker, topic: &str) -> Vec<i64> {
+    high_watermarks_with(&watcher(broker), topic)
 }
 
 /// Reads every record of `topic`, whose partitions end at `ends`.
@@ -166,7 +174,7 @@ fn counted_and_dropped(files: &std::path::Path) -> (u64, u64) {
 fn a_producer_killed_again_and_again_and_resumed_neither_skips_nor_double_counts_a_day() {
     let broker = Broker::start();
     let topic = unique_topic("killed");
-    let days: u64 = 200_000;
+    let days: u64 = 400_000;
     let args = ["--keep-topic", "--seed", "3", "--days", &days.to_string()];
     let start_producer = || {
         let mut cmd = bin("producer");
@@ -182,19 +190,8 @@ fn a_producer_killed_again_and_again_and_resumed_neither_skips_nor_double_counts
     let mut second = start_consumer(&broker, &topic, &files, &[2, 3]);
 
     // One client of the test's own watches the topic grow.
-    let watcher: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
-        .create()
-        .unwrap();
-    let in_topic = || -> i64 {
-        (0..4)
-            .map(|p| {
-                watcher
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .map_or(0, |(_, high)| high)
-            })
-            .sum()
-    };
+    let watcher = watcher(&broker);
+    let in_topic = || -> i64 { high_watermarks_with(&watcher, &topic).iter().sum() };
     let mut seed = Instant::now().elapsed().subsec_nanos() as u64 | 1;
     let mut random_below = |below: u64| {
         // xorshift: a different moment each kill, no crate needed.
@@ -211,7 +208,7 @@ fn a_producer_killed_again_and_again_and_resumed_neither_skips_nor_double_counts
         wait_until("the producer to send", Duration::from_secs(60), || {
             in_topic() > before
         });
-        std::thread::sleep(Duration::from_millis(random_below(100)));
+        std::thread::sleep(Duration::from_millis(random_below(50)));
         let finished = producer.child.try_wait().unwrap().is_some();
         assert!(
             !finished,
