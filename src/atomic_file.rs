@@ -2,10 +2,54 @@
 //! month.svg, owner notes): a reader sees the old content or the new,
 //! never a mix, and after a crash the new content is either fully there or
 //! not at all. Temp file in the same folder, fsync, rename, fsync folder.
+//! Every fsync of the process goes through [`sync_file`] and [`sync_dir`]
+//! here, so that [`fsyncs_total`] counts them all (the state's sled files
+//! included) for `/metrics` and the benchmarks.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static FSYNCS: AtomicU64 = AtomicU64::new(0);
+
+/// fsyncs (of files and folders) this process has made.
+pub fn fsyncs_total() -> u64 {
+    FSYNCS.load(Ordering::Relaxed)
+}
+
+/// fsync of an open file: its data and the metadata needed to read it back
+/// (its size included), down to the device.
+pub fn sync_file(file: &File) -> io::Result<()> {
+    FSYNCS.fetch_add(1, Ordering::Relaxed);
+    file.sync_all()
+}
+
+/// fsync of a folder: makes the files created, renamed or removed in it
+/// survive a power cut (a file's own fsync does not cover its name).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    FSYNCS.fetch_add(1, Ordering::Relaxed);
+    File::open(dir)?.sync_all()
+}
+
+/// `fs::create_dir_all`, durably: the folder of each component it creates
+/// is fsynced, so that the new folders (and what is later made durable in
+/// them) are still there after a power cut.
+pub fn create_dir_all(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_dir_all(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent.unwrap_or(Path::new("."))),
+        // Made meanwhile by another process: its maker syncs it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// Atomically replaces `path` with `contents`.
 pub fn write(path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -26,10 +70,10 @@ pub fn write(path: &Path, contents: &[u8]) -> io::Result<()> {
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(contents)?;
-        file.sync_all()?;
+        sync_file(&file)?;
         drop(file);
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -40,6 +84,17 @@ pub fn write(path: &Path, contents: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn creates_nested_folders_and_counts_a_sync_per_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b/c");
+        let before = fsyncs_total();
+        create_dir_all(&nested).unwrap();
+        assert!(nested.is_dir());
+        assert!(fsyncs_total() - before >= 3);
+        create_dir_all(&nested).unwrap();
+    }
 
     #[test]
     fn replaces_content_and_leaves_no_temp() {

@@ -3,7 +3,8 @@
 //! `month.svg` through [`crate::chart`]). It coalesces bursts, spaces the
 //! publishes of a partition that is catching up by their cost, never
 //! publishes an older snapshot over a newer one, and keeps a snapshot it
-//! could not write until it can.
+//! could not write until it can. Before each partition file, its proof
+//! goes to the state folder ([`crate::proof`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use crate::chart::{chart_input, ChartInput, ChartRenderer};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{Metrics, PartitionMetrics};
+use crate::proof::{self, Proof};
 use crate::published::{partition_file, publish};
 use crate::state::Snapshot;
 
@@ -122,8 +124,11 @@ pub struct Exporter {
 impl Exporter {
     /// Starts the exporter; `render_chart` re-renders month.svg after
     /// publishing (at most once per [`CHART_INTERVAL`]).
+    /// With `state_dir`, each publish is preceded by its proof there (see
+    /// [`crate::proof`]).
     pub fn spawn(
         files_dir: PathBuf,
+        state_dir: Option<PathBuf>,
         render_chart: bool,
         metrics: Option<Arc<Metrics>>,
     ) -> std::io::Result<Self> {
@@ -133,6 +138,7 @@ impl Exporter {
             .spawn(move || {
                 let mut export = ExportLoop::new(files_dir, render_chart);
                 export.metrics = metrics;
+                export.state_dir = state_dir;
                 export.run(receiver)
             })?;
         Ok(Exporter {
@@ -169,6 +175,10 @@ impl Drop for Exporter {
 
 struct ExportLoop {
     files_dir: PathBuf,
+    /// Where the proofs go (None: no proofs, as in unit tests).
+    state_dir: Option<PathBuf>,
+    /// Each partition's recent proofs, oldest first.
+    proofs: BTreeMap<PartitionId, Vec<Proof>>,
     render_chart: bool,
     /// (epoch, offset) last written per partition: never go back.
     published: BTreeMap<PartitionId, (u64, Offset)>,
@@ -192,6 +202,8 @@ impl ExportLoop {
         ExportLoop {
             chart: ChartRenderer::new(files_dir.clone()),
             files_dir,
+            state_dir: None,
+            proofs: BTreeMap::new(),
             render_chart,
             published: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -281,7 +293,16 @@ impl ExportLoop {
             };
             let started = Instant::now();
             let cpu_started = thread_cpu_time();
-            match publish(&self.files_dir, &snapshot) {
+            let proved = match &self.state_dir {
+                Some(state_dir) => proof::record(
+                    state_dir,
+                    partition,
+                    self.proofs.entry(partition).or_default(),
+                    Proof::of(&snapshot),
+                ),
+                None => Ok(()),
+            };
+            match proved.and_then(|()| publish(&self.files_dir, &snapshot)) {
                 Ok(()) => {
                     let took = started.elapsed();
                     let cpu = thread_cpu_time()

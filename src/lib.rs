@@ -24,6 +24,7 @@ pub mod kafka;
 mod log_limit;
 mod metrics;
 pub mod producer;
+pub mod proof;
 pub mod published;
 mod pyfmt;
 pub mod recount;

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::chart;
 use crate::kafka::PartitionId;
+use crate::proof;
 use crate::published::{self, parse_partition_json, partition_file};
 use crate::report::month_name;
 use crate::state::{self, Fingerprint, PartitionState, Snapshot, StateError};
@@ -38,13 +39,20 @@ pub fn export(
 ) -> anyhow::Result<()> {
     let explicit = !partitions.is_empty();
     let mut refused = Vec::new();
-    std::fs::create_dir_all(files_dir)
+    crate::atomic_file::create_dir_all(files_dir)
         .with_context(|| format!("creating {}", files_dir.display()))?;
     for partition in requested(state_dir, partitions)? {
         match PartitionState::open_existing(state_dir, partition) {
             Ok(state) => {
                 let snapshot = state.snapshot();
                 let path = partition_file(files_dir, partition);
+                proof::record(
+                    state_dir,
+                    partition,
+                    &mut Vec::new(),
+                    proof::Proof::of(&snapshot),
+                )
+                .context("writing the published file's proof")?;
                 published::publish(files_dir, &snapshot)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!(

@@ -10,7 +10,6 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
@@ -31,41 +30,6 @@ fn succeeded(out: Output) -> String {
     let printed = text(&out.stdout) + &text(&out.stderr);
     assert!(out.status.success(), "producer failed: {printed}");
     printed
-}
-
-/// The end offset of each of `topic`'s 4 partitions, asked through `client`.
-fn high_watermarks_with(client: &BaseConsumer, topic: &str) -> Vec<i64> {
-    (0..4)
-        .map(|p| {
-            client
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map_or(0, |(_, high)| high)
-        })
-        .collect()
-}
-
-fn watcher(broker: &Broker) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
-        .create()
-        .unwrap()
-}
-
-/// The end offset of each of `topic`'s 4 partitions, asked of the broker.
-fn high_watermarks(broker: &Broker, topic: &str) -> Vec<i64> {
-    high_watermarks_with(&watcher(broker), topic)
-}
-
-/// Reads every record of `topic`, whose partitions end at `ends`.
-fn all_records(broker: &Broker, topic: &str) -> Vec<Record> {
-    let total: i64 = high_watermarks(broker, topic).iter().sum();
-    read_topic(
-        &broker.bootstrap,
-        topic,
-        4,
-        total as usize,
-        Duration::from_secs(120),
-    )
 }
 
 #[test]

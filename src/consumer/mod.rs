@@ -28,7 +28,7 @@ mod stall;
 mod verify;
 mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,13 +37,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 
 use crate::aggregate::Aggregates;
+use crate::atomic_file;
 use crate::broker_link::BrokerLink;
 use crate::exporter::{Committed, Exporter};
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
 use crate::metrics::{Metrics, MetricsServer, PartitionMetrics};
+use crate::proof;
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
-use crate::state::{PartitionState, Snapshot};
+use crate::state::{self, PartitionState, Snapshot, StateError};
 use clients::{Observed, SharedClient};
 use group_offsets::GroupCommitter;
 use machine::{CheckOutcome, CheckRequest};
@@ -207,14 +209,16 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         Some(address) => Some(MetricsServer::start(address, metrics.clone())?),
         None => None,
     };
-    std::fs::create_dir_all(&config.state_dir)
+    // Durably: a folder whose name is lost at a power cut takes everything
+    // committed in it along.
+    atomic_file::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state folder {}", config.state_dir.display()))?;
     // Claim every partition first: a second process fails before touching anything.
     let mut states = Vec::new();
     for &partition in &config.partitions {
-        states.push(PartitionState::open(&config.state_dir, partition)?);
+        states.push(open_or_move_aside(&config.state_dir, partition)?);
     }
-    if let Err(e) = std::fs::create_dir_all(&config.files_dir) {
+    if let Err(e) = atomic_file::create_dir_all(&config.files_dir) {
         log::error!(
             "cannot create files folder {}: {e}",
             config.files_dir.display()
@@ -247,6 +251,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
 
     let exporter = Exporter::spawn(
         config.files_dir.clone(),
+        Some(config.state_dir.clone()),
         config.render_chart,
         Some(metrics.clone()),
     )
@@ -342,17 +347,48 @@ fn wait_for_topic(
     }
 }
 
-/// A published file ahead of its state (an old state folder restored, or a
-/// damaged database that sled recovered to an older point) is a durable,
-/// consistent snapshot of statistics and offset: the state adopts it, so
-/// that the published offset never goes back. A state ahead of its file is
-/// the normal case (a crash between commit and publish) and stays.
+/// Opens a partition's state; one that sled cannot open (damaged beyond
+/// its own recovery) is moved aside, with one warning, and the partition
+/// starts from its published file, as on a first start. The other
+/// partitions are not touched either way.
+fn open_or_move_aside(state_dir: &Path, partition: PartitionId) -> anyhow::Result<PartitionState> {
+    match PartitionState::open(state_dir, partition) {
+        Err(StateError::Unopenable { path, cause, .. }) => {
+            let aside = state::move_aside(state_dir, partition).with_context(|| {
+                format!(
+                    "partition {partition}: the state {} cannot be opened ({cause}), \
+                     and moving it aside failed; move it away by hand to start the partition \
+                     from its published file",
+                    path.display()
+                )
+            })?;
+            log::warn!(
+                "partition {partition}: the state {} cannot be opened ({cause}); \
+                 moved it to {} and starting from the published file",
+                path.display(),
+                aside.display()
+            );
+            Ok(PartitionState::open(state_dir, partition)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// A published file ahead of its state (an old state folder restored, a
+/// damaged database that sled recovered to an older point or as empty) is
+/// a durable, consistent snapshot of statistics and offset: the state
+/// adopts it, so that the published offset never goes back. A state ahead
+/// of its file is the normal case (a crash between commit and publish) and
+/// stays.
 ///
-/// Only with proof: a crash between a reset's commit and its publish
-/// leaves a state at offset 0 behind a file of the topic as it was before
-/// re-creation, whose statistics must not come back. So the file is
-/// adopted only when the topic still holds the state's last counted record
-/// (it is the same topic) and the record before the file's offset.
+/// Only with proof that the file belongs to the topic as it is now: a
+/// crash between a reset's commit and its publish leaves a state at offset
+/// 0 behind a file of the topic as it was before re-creation, whose
+/// statistics must not come back. The proof is the file's own, kept beside
+/// the state ([`proof`]): published before the state's reset (an older
+/// epoch), the file is never adopted; otherwise the topic must still hold
+/// the record it names (or, for a file without one, the state's last
+/// counted record) and the record before the file's offset.
 fn adopt_newer_file(
     config: &ConsumerConfig,
     state: &mut PartitionState,
@@ -367,13 +403,30 @@ fn adopt_newer_file(
         .and_then(|text| published::parse_partition_json(&text).ok())
         .filter(|p| p.partition == partition && p.offset > snapshot.next_offset)
     else {
+        log::info!(
+            "partition {partition}: resuming from the state (offset {})",
+            snapshot.next_offset
+        );
         return Ok(());
     };
     let (file_offset, state_offset) = (published.offset, snapshot.next_offset);
-    let Some(last_record) = snapshot.last_record else {
+    let proof = proof::find(&config.state_dir, partition, file_offset);
+    if let Some(proof) = proof.filter(|p| p.epoch < snapshot.epoch) {
         log::warn!(
             "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
-             which holds no record to prove the topic is the same; keeping the state",
+             but it was published before the state was reset for a re-created topic \
+             (epoch {} < {}): keeping the state",
+            path.display(),
+            proof.epoch,
+            snapshot.epoch
+        );
+        return Ok(());
+    }
+    let proven_record = proof.and_then(|p| p.record);
+    let Some(expected) = proven_record.or(snapshot.last_record) else {
+        log::warn!(
+            "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
+             and neither its proof nor the state names a record to show the topic is the same; keeping the state",
             path.display()
         );
         return Ok(());
@@ -387,8 +440,8 @@ fn adopt_newer_file(
     )?;
     let questions = [
         CheckRequest {
-            expected: vec![last_record],
-            adopt_offset: last_record.offset,
+            expected: vec![expected],
+            adopt_offset: expected.offset,
             last_record: None,
         },
         CheckRequest {
@@ -422,7 +475,8 @@ fn adopt_newer_file(
          it was restored or recovered to an older point; adopting the published file",
         path.display()
     );
-    state.initialize(file_offset, published.aggregates, snapshot.epoch)?;
+    let epoch = proof.map_or(snapshot.epoch, |p| p.epoch.max(snapshot.epoch));
+    state.initialize_from(file_offset, published.aggregates, epoch, proven_record)?;
     Ok(())
 }
 
@@ -460,7 +514,16 @@ fn reconcile_at_start(
                 published.offset,
                 published.aggregates.len()
             );
-            state.initialize(published.offset, published.aggregates, 0)?;
+            // The file's proof, when there is one, names its last record:
+            // the re-creation checks then compare it with the topic as
+            // they would a state's own.
+            let proof = proof::find(&config.state_dir, partition, published.offset);
+            state.initialize_from(
+                published.offset,
+                published.aggregates,
+                proof.map_or(0, |p| p.epoch),
+                proof.and_then(|p| p.record),
+            )?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             state.initialize(0, Aggregates::new(), 0)?;

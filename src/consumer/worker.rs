@@ -528,6 +528,7 @@ impl PartitionWorker {
                 }
                 Err(
                     error @ (StateError::Sled { .. }
+                    | StateError::Sync { .. }
                     | StateError::Closed { .. }
                     | StateError::Owner { .. }),
                 ) => {

@@ -18,6 +18,7 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use weatherstream::published::parse_partition_json;
 use weatherstream::report;
 
+pub mod powercut;
 pub mod tls;
 pub mod wire;
 
@@ -438,6 +439,41 @@ pub fn wait_for_offsets(
          want offsets {wanted:?}, the files show {:?}",
         found()
     );
+}
+
+/// The end offset of each of `topic`'s 4 partitions, asked through `client`.
+pub fn high_watermarks_with(client: &BaseConsumer, topic: &str) -> Vec<i64> {
+    (0..4)
+        .map(|p| {
+            client
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map_or(0, |(_, high)| high)
+        })
+        .collect()
+}
+
+pub fn watcher(broker: &Broker) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap()
+}
+
+/// The end offset of each of `topic`'s 4 partitions, asked of the broker.
+pub fn high_watermarks(broker: &Broker, topic: &str) -> Vec<i64> {
+    high_watermarks_with(&watcher(broker), topic)
+}
+
+/// Reads every record of `topic`, whose partitions end at `ends`.
+pub fn all_records(broker: &Broker, topic: &str) -> Vec<Record> {
+    let total: i64 = high_watermarks(broker, topic).iter().sum();
+    read_topic(
+        &broker.bootstrap,
+        topic,
+        4,
+        total as usize,
+        Duration::from_secs(120),
+    )
 }
 
 /// Runs the producer for `days` with `seed` and reads the topic back.
