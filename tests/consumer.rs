@@ -690,14 +690,7 @@ fn a_damaged_state_never_takes_the_published_offset_back() {
     let files = tempfile::tempdir().unwrap();
     let (days, seed) = (4000, 37);
     let mut producer = start_paced_producer(&broker, &topic, days, seed, "0.001");
-    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_until("a first stretch", Duration::from_secs(60), || {
-        published_offsets(files.path())
-            .iter()
-            .all(|o| o.is_some_and(|o| o >= 300))
-    });
-    assert!(consumer.terminate().success());
-    let newest = published_offsets(files.path());
+    let newest = run_to_offsets(&broker, &topic, files.path(), 300);
     for partition in ALL {
         damage_sled_log(&files.path().join("state"), partition);
     }

@@ -188,14 +188,7 @@ fn a_state_recovered_as_empty_or_unopenable_never_takes_the_published_file_back(
     let state = files.path().join("state");
     let (days, seed) = (4000, 53);
     let mut producer = start_paced_producer(&broker, &topic, days, seed, "0.001");
-    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    wait_until("a first stretch", Duration::from_secs(60), || {
-        published_offsets(files.path())
-            .iter()
-            .all(|o| o.is_some_and(|o| o >= 300))
-    });
-    assert!(consumer.terminate().success());
-    let newest = published_offsets(files.path());
+    let newest = run_to_offsets(&broker, &topic, files.path(), 300);
 
     state_recovered_as_empty(&state, 0, true);
     state_recovered_as_empty(&state, 1, false);

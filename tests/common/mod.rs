@@ -893,6 +893,19 @@ pub fn published_offsets(files: &Path) -> Vec<Option<i64>> {
         .collect()
 }
 
+/// Runs `consumer PARTITIONS 0..4` until every partition file is at
+/// offset `min` or beyond, then stops it; returns the published offsets.
+pub fn run_to_offsets(broker: &Broker, topic: &str, files: &Path, min: i64) -> Vec<Option<i64>> {
+    let mut consumer = start_consumer(broker, topic, files, &[0, 1, 2, 3]);
+    wait_until("a first stretch", Duration::from_secs(60), || {
+        published_offsets(files)
+            .iter()
+            .all(|o| o.is_some_and(|o| o >= min))
+    });
+    assert!(consumer.terminate().success(), "{}", consumer.stderr_text());
+    published_offsets(files)
+}
+
 /// Stops a [`sample_offsets`] sampler and asserts that no published offset
 /// went back while it ran.
 pub fn assert_never_went_back(
