@@ -7,7 +7,8 @@
 #   docker exec -it p7 plot
 #   docker exec -it p7 consumer export
 #   docker exec -it p7 consumer inspect-state
-#   docker exec -it p7 dashboard --listen 0.0.0.0:8080   (with -p 8080:8080 on run)
+#   docker exec -it p7 dashboard --listen 0.0.0.0:8080   (with -p 8080:8080 on run;
+#     add --web-config-file for TLS and a password: README, The HTTP endpoints)
 
 # Builder: the same script a developer runs (scripts/build-release.sh). No
 # protoc needed (protox compiles the .proto in Rust); librdkafka 2.12.1 is

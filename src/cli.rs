@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use crate::client_settings::{ClientSettings, Resolved, SettingsSources};
 use crate::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
+use crate::web::WebConfig;
 
 /// Environment variable that supplies `--client-config`.
 pub const CLIENT_CONFIG_ENV: &str = "KAFKA_CLIENT_CONFIG";
@@ -79,6 +81,31 @@ pub fn flag_over_property(
 ) -> String {
     let property = settings.take(key);
     flag.or(property).unwrap_or_else(|| default.to_string())
+}
+
+/// Environment variable that supplies `--web-config-file`.
+pub const WEB_CONFIG_ENV: &str = "WEB_CONFIG_FILE";
+
+/// TLS and basic auth of the HTTP endpoints (metrics, dashboard).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WebArgs {
+    /// TLS and basic auth for the HTTP endpoints, in the YAML of
+    /// Prometheus' exporter-toolkit: tls_server_config (cert_file,
+    /// key_file) and basic_auth_users (user: bcrypt hash) [default: plain
+    /// HTTP, no auth]
+    #[arg(long, env = WEB_CONFIG_ENV, value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+}
+
+impl WebArgs {
+    /// Loads the file; a wrong one is a usage error (exit 2).
+    pub fn load(&self) -> Option<Arc<WebConfig>> {
+        let path = self.web_config_file.as_ref()?;
+        match WebConfig::load(path) {
+            Ok(web) => Some(Arc::new(web)),
+            Err(error) => usage_error(&error.to_string()),
+        }
+    }
 }
 
 /// Prints `error: MESSAGE` and usage hints as clap does, and exits 2.

@@ -7,18 +7,12 @@
 //! any other path, `/../` and its encodings included, is 404, and the server
 //! never writes.
 //!
-//! The server is a fixed pool of threads accepting on one listener, each
-//! connection with read and write timeouts and a bounded request head, so a
-//! slow or hostile client holds at most one thread for a few seconds.
-//! (tiny_http, used for `/metrics`, spawns a thread per connection without
-//! timeouts, which is why the dashboard does not use it.)
+//! It is served by [`crate::web`], the server `/metrics` runs on too: bounded
+//! connections and deadlines, and TLS and basic auth when `--web-config-file`
+//! asks for them.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -27,29 +21,29 @@ use serde_json::{json, Map, Value};
 use crate::chart::{partition_files, CHART_FILE};
 use crate::published::parse_partition_json;
 use crate::shutdown::Shutdown;
+use crate::web::{Page, WebConfig, WebServer};
 
 /// The page, embedded: it works offline and from a container.
 const PAGE: &str = include_str!("dashboard/index.html");
-/// Threads answering requests: enough for a few browsers polling twice a
-/// second; a client beyond them waits in the listen queue.
-const POOL_THREADS: usize = 8;
-/// Longest a client may take to send its request or read the answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request head accepted (request line and headers).
-const MAX_HEAD_BYTES: u64 = 8 * 1024;
-
 /// What `dashboard` is asked to do.
 #[derive(Debug, Clone)]
 pub struct DashboardConfig {
     pub files_dir: PathBuf,
     pub listen: String,
+    /// TLS and basic auth (`--web-config-file`); plain HTTP without.
+    pub web: Option<Arc<WebConfig>>,
 }
 
 /// Serves until shutdown.
 pub fn run(config: &DashboardConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let server = DashboardServer::start(&config.files_dir, &config.listen)?;
+    let server = start(&config.files_dir, &config.listen, config.web.clone())?;
+    let scheme = if config.web.as_ref().is_some_and(|web| web.tls()) {
+        "https"
+    } else {
+        "http"
+    };
     println!(
-        "dashboard: http://{}/ (files in {}); Ctrl-C stops it",
+        "dashboard: {scheme}://{}/ (files in {}); Ctrl-C stops it",
         server.address(),
         config.files_dir.display()
     );
@@ -57,159 +51,30 @@ pub fn run(config: &DashboardConfig, shutdown: &Shutdown) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The running server; dropping it stops and joins its threads.
-pub struct DashboardServer {
-    address: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+/// Binds `listen` (an error names the address) and serves the files
+/// folder until the returned server is dropped.
+pub fn start(
+    files_dir: &Path,
+    listen: &str,
+    web: Option<Arc<WebConfig>>,
+) -> anyhow::Result<WebServer> {
+    let files_dir = files_dir.to_path_buf();
+    WebServer::start(
+        "dashboard-http",
+        listen,
+        web,
+        Arc::new(move |path| route(path, &files_dir)),
+    )
+    .with_context(|| format!("cannot listen on {listen}"))
 }
 
-impl DashboardServer {
-    /// Binds `listen` (an error names the address) and starts the pool.
-    pub fn start(files_dir: &Path, listen: &str) -> anyhow::Result<Self> {
-        let listener =
-            TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-        let address = listener.local_addr()?;
-        let listener = Arc::new(listener);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for n in 0..POOL_THREADS {
-            let (listener, stop, files_dir) =
-                (listener.clone(), stop.clone(), files_dir.to_path_buf());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("dashboard-{n}"))
-                    .spawn(move || {
-                        for stream in listener.incoming() {
-                            if stop.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            if let Ok(stream) = stream {
-                                if let Err(error) = serve(stream, &files_dir) {
-                                    log::debug!("dashboard: {error}");
-                                }
-                            }
-                        }
-                    })
-                    .context("starting a dashboard thread")?,
-            );
-        }
-        Ok(DashboardServer {
-            address,
-            stop,
-            threads,
-        })
-    }
-
-    /// The address bound (the port the OS chose, for `:0`).
-    pub fn address(&self) -> SocketAddr {
-        self.address
-    }
-}
-
-impl Drop for DashboardServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Each blocked accept takes one connection to wake.
-        for _ in &self.threads {
-            let _ = TcpStream::connect(self.address);
-        }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// A response: status, content type, body.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn ok(content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response {
-            status: 200,
-            content_type,
-            body: body.into(),
-        }
-    }
-
-    fn not_found() -> Self {
-        Response {
-            status: 404,
-            content_type: "text/plain; charset=utf-8",
-            body: b"not found\n".to_vec(),
-        }
-    }
-}
-
-fn serve(stream: TcpStream, files_dir: &Path) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut reader = BufReader::new((&stream).take(MAX_HEAD_BYTES));
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // The rest of the head: only a body's length matters, so that the body
-    // is read before the connection closes (unread data makes the kernel
-    // reset the connection, losing the response).
-    let mut body_length = 0u64;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.trim().eq_ignore_ascii_case("content-length") {
-                body_length = value.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    // Through the reader: it may hold the start of the body already.
-    std::io::copy(
-        &mut (&mut reader).take(body_length.min(MAX_HEAD_BYTES)),
-        &mut std::io::sink(),
-    )?;
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let response = if method == "GET" || method == "HEAD" {
-        route(target, files_dir)
-    } else {
-        Response {
-            status: 405,
-            content_type: "text/plain; charset=utf-8",
-            body: b"only GET\n".to_vec(),
-        }
-    };
-    let reason = match response.status {
-        200 => "OK",
-        404 => "Not Found",
-        _ => "Method Not Allowed",
-    };
-    let mut out = &stream;
-    write!(
-        out,
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    )?;
-    if method != "HEAD" {
-        out.write_all(&response.body)?;
-    }
-    out.flush()
-}
-
-/// Maps a request target to a response. Only these exact paths exist, so
+/// Maps a request path to a page. Only these exact paths exist, so
 /// nothing outside the files folder (and nothing but these files in it)
 /// can be named, however a path is encoded.
-fn route(target: &str, files_dir: &Path) -> Response {
-    let path = target.split(['?', '#']).next().unwrap_or("");
+fn route(path: &str, files_dir: &Path) -> Page {
     match path {
-        "/" | "/index.html" => Response::ok("text/html; charset=utf-8", PAGE),
-        "/api/state" => Response::ok(
+        "/" | "/index.html" => Page::ok("text/html; charset=utf-8", PAGE),
+        "/api/state" => Page::ok(
             "application/json",
             serde_json::to_vec(&state_json(files_dir)).unwrap_or_default(),
         ),
@@ -219,7 +84,7 @@ fn route(target: &str, files_dir: &Path) -> Response {
                 files_dir.join(format!("partition-{n}.json")),
                 "application/json",
             ),
-            None => Response::not_found(),
+            None => Page::not_found(),
         },
     }
 }
@@ -233,10 +98,10 @@ fn partition_number(path: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-fn file(path: PathBuf, content_type: &'static str) -> Response {
+fn file(path: PathBuf, content_type: &'static str) -> Page {
     match std::fs::read(&path) {
-        Ok(body) => Response::ok(content_type, body),
-        Err(_) => Response::not_found(),
+        Ok(body) => Page::ok(content_type, body),
+        Err(_) => Page::not_found(),
     }
 }
 
@@ -309,7 +174,6 @@ mod tests {
         std::fs::write(dir.path().join("partition-2.json"), "{}").unwrap();
         std::fs::write(dir.path().join("secret.txt"), "no").unwrap();
         assert_eq!(route("/partition-2.json", dir.path()).status, 200);
-        assert_eq!(route("/partition-2.json?x=1", dir.path()).status, 200);
         for target in [
             "/secret.txt",
             "/partition-3.json",

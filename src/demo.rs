@@ -7,6 +7,7 @@
 //! consumer's fingerprints, are identical) and then goes on.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
@@ -18,12 +19,13 @@ use serde::{Deserialize, Serialize};
 use crate::atomic_file;
 use crate::chart::{self, partition_files};
 use crate::consumer::{self, ConsumerConfig};
-use crate::dashboard::DashboardServer;
+use crate::dashboard;
 use crate::kafka::{ClientSettings, DEFAULT_TOPIC};
 use crate::producer::{self, ProducerConfig, TopicStart};
 use crate::published::parse_partition_json;
 use crate::report::month_name;
 use crate::shutdown::Shutdown;
+use crate::web::WebConfig;
 
 /// Seed used unless `--seed` is given, so demo runs are reproducible.
 pub(crate) const DEFAULT_SEED: u64 = 1990;
@@ -54,6 +56,8 @@ pub struct DemoConfig {
     /// Serve the dashboard here, and keep serving after the demo's days
     /// until Ctrl-C; None: off.
     pub dashboard: Option<String>,
+    /// TLS and basic auth of the dashboard and the metrics; None: plain.
+    pub web: Option<Arc<WebConfig>>,
 }
 
 /// librdkafka's in-process mock broker, owned by an idle client of ours so
@@ -181,8 +185,13 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
 
     let dashboard = match &config.dashboard {
         Some(listen) => {
-            let server = DashboardServer::start(&config.files_dir, listen)?;
-            println!("demo: dashboard at http://{}/", server.address());
+            let server = dashboard::start(&config.files_dir, listen, config.web.clone())?;
+            let scheme = if config.web.as_ref().is_some_and(|web| web.tls()) {
+                "https"
+            } else {
+                "http"
+            };
+            println!("demo: dashboard at {scheme}://{}/", server.address());
             Some(server)
         }
         None => None,
@@ -231,6 +240,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         );
         c.progress_interval = None;
         c.metrics_addr = config.metrics_addr.clone();
+        c.web = config.web.clone();
         if embedded.is_some() {
             c.fetch_wait_ms = EMBEDDED_FETCH_WAIT_MS;
         }

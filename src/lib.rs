@@ -33,3 +33,4 @@ pub mod resume;
 pub mod shutdown;
 pub mod state;
 pub mod tools;
+pub mod web;

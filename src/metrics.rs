@@ -1,21 +1,21 @@
 //! The consumer's Prometheus metrics: this module owns the registry, the
 //! metric families (names prefixed `weatherstream_`, counters ending in
-//! `_total`, units in the name) and the `/metrics` endpoint, served by a
-//! small synchronous HTTP server on a thread of its own when
-//! `--metrics-addr` is given. Workers and the exporter update per-partition
-//! handles; encoding is the `prometheus` crate's text format.
+//! `_total`, units in the name) and the `/metrics` endpoint, served by
+//! [`crate::web`] when `--metrics-addr` is given. Workers and the exporter
+//! update per-partition handles; encoding is the `prometheus` crate's text
+//! format.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::Context as _;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::kafka::{Offset, PartitionId};
+use crate::web::{Page, Pages, WebConfig, WebServer};
 
 /// Buckets of the commit and publish durations: 100 µs to 2.5 s. A commit
 /// (sled transaction and flush) takes a few ms on a local disk, a publish
@@ -281,80 +281,36 @@ impl PartitionMetrics {
     }
 }
 
-/// How long the server waits for a request before it looks at its stop
-/// flag again.
-const SERVER_POLL: Duration = Duration::from_millis(100);
-
-/// The `/metrics` endpoint: a named thread serving one request at a time
-/// (a scrape is small and rare), stopped and joined on drop.
+/// The `/metrics` endpoint on [`crate::web`]'s server (its own named
+/// thread), stopped and joined on drop.
 pub(crate) struct MetricsServer {
-    server: Arc<tiny_http::Server>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: WebServer,
 }
+
+/// Prometheus' text exposition format.
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl MetricsServer {
     /// Binds `address` at once, so a bad address is an error before any
     /// partition is touched, and starts serving.
-    pub(crate) fn start(address: &str, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let server = tiny_http::Server::http(address)
-            .map_err(|e| anyhow!("cannot serve metrics on {address}: {e}"))?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| anyhow!("cannot serve metrics on {address}: not an IP address"))?;
-        let server = Arc::new(server);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = {
-            let (server, stop) = (server.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("metrics-http".into())
-                .spawn(move || serve(&server, &stop, &metrics))
-                .context("starting the metrics thread")?
-        };
-        log::info!("metrics at http://{bound}/metrics");
-        Ok(MetricsServer {
-            server,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.server.unblock();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(server: &tiny_http::Server, stop: &std::sync::atomic::AtomicBool, metrics: &Metrics) {
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let request = match server.recv_timeout(SERVER_POLL) {
-            Ok(Some(request)) => request,
-            Ok(None) => continue,
-            Err(error) => {
-                log::warn!("metrics endpoint: {error}");
-                continue;
-            }
-        };
-        let path = request.url().split('?').next().unwrap_or_default();
-        let response = if request.method() == &tiny_http::Method::Get && path == "/metrics" {
-            let content_type = tiny_http::Header::from_bytes(
-                &b"Content-Type"[..],
-                &b"text/plain; version=0.0.4; charset=utf-8"[..],
-            )
-            .expect("a valid header");
-            tiny_http::Response::from_string(metrics.encode()).with_header(content_type)
+    pub(crate) fn start(
+        address: &str,
+        web: Option<Arc<WebConfig>>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let scheme = if web.as_ref().is_some_and(|web| web.tls()) {
+            "https"
         } else {
-            tiny_http::Response::from_string("not found\n").with_status_code(404)
+            "http"
         };
-        if let Err(error) = request.respond(response) {
-            log::debug!("metrics endpoint: {error}");
-        }
+        let pages: Pages = Arc::new(move |path| match path {
+            "/metrics" => Page::ok(EXPOSITION, metrics.encode()),
+            _ => Page::not_found(),
+        });
+        let server = WebServer::start("metrics-http", address, web, pages)
+            .with_context(|| format!("cannot serve metrics on {address}"))?;
+        log::info!("metrics at {scheme}://{}/metrics", server.address());
+        Ok(MetricsServer { _server: server })
     }
 }
 

@@ -2,7 +2,8 @@
 //! types, `/api/state` equal to the files, paths outside the folder
 //! refused, a garbage file reported, and headless Chromium (driven through
 //! chromedriver's WebDriver API) showing the files' values and then a newly
-//! published value without reloading the page.
+//! published value without reloading the page, over HTTPS (the dashboard
+//! with `--web-config-file`, the browser trusting the test's CA).
 
 mod common;
 
@@ -62,10 +63,15 @@ struct Dashboard {
 }
 
 fn start_dashboard(files: &Path) -> Dashboard {
+    start_dashboard_with(files, &[])
+}
+
+fn start_dashboard_with(files: &Path, args: &[&std::ffi::OsStr]) -> Dashboard {
     let mut cmd = bin("dashboard");
     cmd.arg("--files")
         .arg(files)
-        .args(["--listen", "127.0.0.1:0"]);
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args);
     let running = Running::spawn(cmd);
     let address = running.listening_address();
     Dashboard {
@@ -171,8 +177,7 @@ fn http_serves_the_files_as_they_are_and_nothing_else() {
         http(&dashboard.address, "POST", "/api/state", Some("{}")).0,
         405
     );
-    // A client that sends nothing holds one thread for a few seconds only:
-    // the others go on answering.
+    // Clients that send nothing hold nothing the others need.
     let _idle: Vec<_> = (0..4)
         .map(|_| std::net::TcpStream::connect(&dashboard.address).unwrap())
         .collect();
@@ -191,10 +196,13 @@ struct Browser {
     address: String,
     session: String,
     _profile: tempfile::TempDir,
+    _home: tempfile::TempDir,
 }
 
 impl Browser {
-    fn start() -> Browser {
+    /// `trusted_ca`: a CA certificate the browser trusts (put into the NSS
+    /// store of a home folder of its own, where Chromium on Linux looks).
+    fn start(trusted_ca: Option<&Path>) -> Browser {
         let driver_bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -202,8 +210,37 @@ impl Browser {
                 "no chromedriver: install Debian's chromium and chromium-driver \
                  (scripts/test.sh does, as root with apt)",
             );
+        let home = tempfile::tempdir().unwrap();
+        if let Some(ca) = trusted_ca {
+            let nssdb = format!("sql:{}", home.path().join(".pki/nssdb").display());
+            std::fs::create_dir_all(home.path().join(".pki/nssdb")).unwrap();
+            for args in [
+                vec!["-N", "-d", &nssdb, "--empty-password"],
+                vec![
+                    "-A",
+                    "-d",
+                    &nssdb,
+                    "-t",
+                    "C,,",
+                    "-n",
+                    "weatherstream test CA",
+                    "-i",
+                    ca.to_str().unwrap(),
+                ],
+            ] {
+                let out = Command::new("certutil")
+                    .args(&args)
+                    .output()
+                    .expect("running certutil (scripts/install-browser.sh installs it)");
+                assert!(
+                    out.status.success(),
+                    "certutil {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         let mut cmd = Command::new(driver_bin);
-        cmd.arg("--port=0");
+        cmd.arg("--port=0").env("HOME", home.path());
         let driver = Running::spawn(cmd);
         let address = driver.listening_address();
         wait_until("chromedriver to listen", Duration::from_secs(20), || {
@@ -233,6 +270,7 @@ impl Browser {
             address,
             session,
             _profile: profile,
+            _home: home,
         }
     }
 
@@ -291,11 +329,27 @@ impl Drop for Browser {
 }
 
 #[test]
-fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading() {
+fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading_over_https() {
     let files = files_folder();
-    let dashboard = start_dashboard(files.path());
-    let browser = Browser::start();
-    browser.open(&format!("http://{}/", dashboard.address));
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = common::tls::Pki::create(pki_dir.path());
+    let web_config = pki_dir.path().join("web.yml");
+    std::fs::write(
+        &web_config,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            pki.path("server.pem"),
+            pki.path("server.key")
+        ),
+    )
+    .unwrap();
+    let dashboard = start_dashboard_with(
+        files.path(),
+        &["--web-config-file".as_ref(), web_config.as_os_str()],
+    );
+    let port = dashboard.address.rsplit(':').next().unwrap();
+    let browser = Browser::start(Some(&pki_dir.path().join("ca.pem")));
+    browser.open(&format!("https://localhost:{port}/"));
 
     // The values of the files: avg of January 1990 (599 / 31), offsets,
     // months no file holds, the garbage file reported.

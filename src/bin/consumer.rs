@@ -94,6 +94,8 @@ struct RunArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
     #[arg(long, env = "CONSUMER_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    #[command(flatten)]
+    web: cli::WebArgs,
     /// No progress lines
     #[arg(long)]
     quiet: bool,
@@ -222,6 +224,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     config.group_id = group_id;
     config.commit_group_offsets = !args.no_group_offsets;
     config.metrics_addr = args.metrics_addr;
+    config.web = args.web.load();
     if args.quiet {
         config.progress_interval = None;
     }

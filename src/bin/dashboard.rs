@@ -23,6 +23,8 @@ struct Args {
         value_name = "HOST:PORT"
     )]
     listen: String,
+    #[command(flatten)]
+    web: cli::WebArgs,
 }
 
 fn main() -> ExitCode {
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
     let config = DashboardConfig {
         files_dir: args.files_dir,
         listen: args.listen,
+        web: args.web.load(),
     };
     let result = Shutdown::install()
         .map_err(anyhow::Error::from)

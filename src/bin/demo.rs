@@ -43,6 +43,8 @@ struct Args {
     /// the demo's days until Ctrl-C
     #[arg(long, value_name = "HOST:PORT")]
     dashboard: Option<String>,
+    #[command(flatten)]
+    web: cli::WebArgs,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         seed: args.seed,
         metrics_addr: args.metrics_addr,
         dashboard: args.dashboard,
+        web: args.web.load(),
     };
     let result = Shutdown::install()
         .map_err(anyhow::Error::from)

@@ -46,6 +46,7 @@ use crate::proof;
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
 use crate::state::{self, PartitionState, Snapshot, StateError};
+use crate::web::WebConfig;
 use clients::{Observed, SharedClient};
 use group_offsets::GroupCommitter;
 use machine::{CheckOutcome, CheckRequest};
@@ -94,6 +95,8 @@ pub struct ConsumerConfig {
     pub render_chart: bool,
     /// Serve Prometheus metrics at `http://ADDR/metrics`; None: off.
     pub metrics_addr: Option<String>,
+    /// TLS and basic auth of the metrics endpoint; None: plain HTTP.
+    pub web: Option<Arc<WebConfig>>,
     /// The consumer group of every client, where each committed batch's
     /// next offset is committed for Kafka's tools (never read back).
     pub group_id: String,
@@ -123,6 +126,7 @@ impl ConsumerConfig {
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
             render_chart: true,
             metrics_addr: None,
+            web: None,
             group_id: DEFAULT_GROUP_ID.to_string(),
             commit_group_offsets: true,
         }
@@ -206,7 +210,11 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
     let _metrics_server = match &config.metrics_addr {
-        Some(address) => Some(MetricsServer::start(address, metrics.clone())?),
+        Some(address) => Some(MetricsServer::start(
+            address,
+            config.web.clone(),
+            metrics.clone(),
+        )?),
         None => None,
     };
     // Durably: a folder whose name is lost at a power cut takes everything

@@ -786,12 +786,21 @@ impl Drop for Running {
 
 /// `HOST:PORT` in a line that says where a server listens.
 fn address_in(line: &str) -> Option<String> {
-    if let Some((_, rest)) = line.split_once("http://") {
+    let url = line
+        .split_once("https://")
+        .or_else(|| line.split_once("http://"));
+    if let Some((_, rest)) = url {
         let address: String = rest
             .chars()
             .take_while(|c| *c != '/' && !c.is_whitespace())
             .collect();
-        return (!address.is_empty()).then_some(address);
+        // Only HOST:PORT: chromedriver's banner links a web page.
+        let port = address
+            .rsplit_once(':')
+            .map(|(_, port)| port.parse::<u16>());
+        if matches!(port, Some(Ok(_))) {
+            return Some(address);
+        }
     }
     let (_, rest) = line.split_once("started successfully on port ")?;
     let port: u16 = rest.trim_end_matches('.').trim().parse().ok()?;
