@@ -108,6 +108,28 @@ impl WebArgs {
     }
 }
 
+/// What `--version` prints after the name: this crate's version, then the
+/// librdkafka the binary carries and its built-in features (ssl, sasl_scram,
+/// zstd ...), as librdkafka itself reports them (`builtin.features`).
+pub fn long_version() -> String {
+    let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
+    let features = rdkafka::ClientConfig::new()
+        .create_native_config()
+        .and_then(|config| config.get("builtin.features"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "{}\nlibrdkafka {librdkafka} (builtin.features: {features})",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Parses a binary's arguments; `--version` (not `-V`) also names the
+/// librdkafka inside, see [`long_version`].
+pub fn parse<P: clap::Parser>() -> P {
+    let matches = P::command().long_version(long_version()).get_matches();
+    P::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
 /// Prints `error: MESSAGE` and usage hints as clap does, and exits 2.
 pub fn usage_error(message: &str) -> ! {
     clap::Error::raw(

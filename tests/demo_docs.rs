@@ -140,3 +140,241 @@ fn demo_dashboard_serves_while_running_and_after_until_ctrl_c() {
     assert_eq!(http(&address, "GET", "/", None).0, 200);
     assert!(demo.interrupt().success());
 }
+
+/// README.md, CHANGELOG.md and docs/*.md, with their paths.
+fn documents() -> Vec<(std::path::PathBuf, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut paths = vec![root.join("README.md"), root.join("CHANGELOG.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            paths.push(path);
+        }
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect()
+}
+
+/// GitHub's anchor of a heading: lower case, punctuation dropped, spaces
+/// to hyphens.
+fn anchor_of(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut in_code = false;
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        if !in_code && line.starts_with('#') {
+            out.insert(anchor_of(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_readme_stays_short() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let size = std::fs::metadata(root.join("README.md")).unwrap().len();
+    assert!(size <= 12_000, "README.md is {size} bytes, over 12 KB");
+}
+
+#[test]
+fn every_relative_link_in_the_documents_resolves() {
+    let mut checked = 0;
+    for (path, text) in documents() {
+        let dir = path.parent().unwrap();
+        for (at, _) in text.match_indices("](") {
+            let rest = &text[at + 2..];
+            let target = &rest[..rest.find(')').unwrap()];
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let linked = if file.is_empty() {
+                path.clone()
+            } else {
+                dir.join(file)
+            };
+            assert!(
+                linked.exists(),
+                "{}: link to {target}: no such file",
+                path.display()
+            );
+            if !anchor.is_empty() {
+                let text = std::fs::read_to_string(&linked).unwrap();
+                assert!(
+                    anchors(&text).contains(anchor),
+                    "{}: link to {target}: no such heading",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} links found");
+}
+
+/// Every `--flag` the binary's help (and its subcommands' helps) names.
+fn flags_of(binary: &str) -> BTreeSet<String> {
+    let mut helps = vec![vec!["--help"]];
+    if binary == "consumer" {
+        for sub in ["verify", "export", "inspect-state"] {
+            helps.push(vec![sub, "--help"]);
+        }
+    }
+    let mut flags = BTreeSet::new();
+    for args in helps {
+        let out = bin(binary).args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        flags.extend(
+            named_after(&text, "--")
+                .into_iter()
+                .map(|f| format!("--{f}")),
+        );
+    }
+    flags.extend(["--help".to_string(), "--version".to_string()]);
+    flags
+}
+
+/// Code spans and code-block lines of a document.
+fn code_of(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_block = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block {
+            out.push(line.to_string());
+        } else {
+            out.extend(line.split('`').skip(1).step_by(2).map(str::to_string));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_command_flag_and_path_the_documents_name_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binaries = built_binaries();
+    let flags: std::collections::BTreeMap<String, BTreeSet<String>> =
+        binaries.iter().map(|b| (b.clone(), flags_of(b))).collect();
+    let all_flags: BTreeSet<String> = flags.values().flatten().cloned().collect();
+    // Flags of other programs that the documents quote on their own.
+    let foreign = [
+        "--cert",
+        "--key",
+        "--authentication",
+        "--command-config",
+        "--release",
+        "--bin",
+        "--test",
+        "--bench",
+        "--timings",
+        "--unpatched",
+        "--locked",
+        "--no-run",
+        "--describe",
+        "--group",
+        "--lib",
+        "--nocapture",
+        "--all-targets",
+    ];
+    let (mut flags_checked, mut paths_checked) = (0, 0);
+    for (path, text) in documents() {
+        for code in code_of(&text) {
+            // Which of our commands the span runs, if any, and what follows.
+            let words: Vec<&str> = code.split_whitespace().collect();
+            let command = words.iter().position(|w| {
+                let name = w.rsplit('/').next().unwrap_or(w);
+                binaries.contains(name) && (w.starts_with("target/release/") || !w.contains('/'))
+            });
+            let named: Vec<&str> = match command {
+                Some(i) if i == 0 || words[i - 1] == "p7" || words[i - 1].ends_with('=') => {
+                    words[i + 1..].to_vec()
+                }
+                _ if words.first().is_some_and(|w| w.starts_with("--")) => words.clone(),
+                _ => Vec::new(),
+            };
+            let allowed = match command {
+                Some(i) if !named.is_empty() => &flags[words[i].rsplit('/').next().unwrap()],
+                _ => &all_flags,
+            };
+            for word in named.iter().filter(|w| w.starts_with("--") && w.len() > 2) {
+                let flag: String = word
+                    .split(['=', ',', ')', '`', ';', '.'])
+                    .next()
+                    .unwrap()
+                    .to_string();
+                if foreign.contains(&flag.as_str()) && command.is_none() {
+                    continue;
+                }
+                assert!(
+                    allowed.contains(&flag),
+                    "{}: `{code}` names {flag}, which no such command takes",
+                    path.display()
+                );
+                flags_checked += 1;
+            }
+            // Paths of the repository.
+            for word in code.split_whitespace() {
+                let word = word.trim_end_matches([',', ';', ':', ')', '.']);
+                let ours = [
+                    "src/", "tests/", "benches/", "scripts/", "docs/", "proto/", "vendor/", ".ci/",
+                ]
+                .iter()
+                .any(|p| word.starts_with(p));
+                if ours && !word.contains(['*', '<', '{', '$']) {
+                    assert!(
+                        root.join(word).exists(),
+                        "{}: `{code}` names {word}, which does not exist",
+                        path.display()
+                    );
+                    paths_checked += 1;
+                }
+            }
+        }
+    }
+    assert!(flags_checked >= 30, "only {flags_checked} flags found");
+    assert!(paths_checked >= 30, "only {paths_checked} paths found");
+}
+
+#[test]
+fn every_binary_says_its_version_and_the_librdkafka_inside() {
+    for binary in built_binaries() {
+        let out = bin(&binary).arg("--version").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{binary}: {text}");
+        assert!(
+            text.starts_with(&format!("weatherstream {}\n", env!("CARGO_PKG_VERSION"))),
+            "{binary}: {text}"
+        );
+        let features = text
+            .split_once("builtin.features: ")
+            .map(|(_, f)| f.trim_end().trim_end_matches(')'))
+            .unwrap_or_else(|| panic!("{binary}: no librdkafka features in {text}"));
+        assert!(text.contains("librdkafka 2."), "{binary}: {text}");
+        for feature in ["ssl", "sasl_scram", "gzip", "zstd", "lz4", "snappy"] {
+            assert!(
+                features.split(',').any(|f| f == feature),
+                "{binary}: no {feature} in {features}"
+            );
+        }
+    }
+}

@@ -141,10 +141,10 @@ enum Command {
 
 fn main() -> ExitCode {
     cli::limit_malloc_arenas();
-    let cli = Cli::parse();
+    let args: Cli = cli::parse();
     cli::init_logging();
-    let result = match cli.command {
-        None => run(cli.run),
+    let result = match args.command {
+        None => run(args.run),
         Some(Command::Export {
             partitions,
             folders,

@@ -23,7 +23,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = cli::parse();
     cli::init_logging();
     let mut client = args.connection.client.settings();
     let group = cli::flag_over_property(args.group, &mut client, "group.id", "debug");

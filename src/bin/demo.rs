@@ -49,7 +49,7 @@ struct Args {
 
 fn main() -> ExitCode {
     cli::limit_malloc_arenas();
-    let args = Args::parse();
+    let args: Args = cli::parse();
     cli::init_logging();
     let config = DemoConfig {
         client: args.client.resolve().named_broker(),

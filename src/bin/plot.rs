@@ -17,7 +17,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = cli::parse();
     cli::init_logging();
     let result = chart::render_files(&args.files_dir).map(|report| {
         for (path, reason) in &report.skipped {

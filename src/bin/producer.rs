@@ -46,7 +46,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = cli::parse();
     cli::init_logging();
     let mut client = args.connection.client.settings();
     let compression = cli::flag_over_property(
