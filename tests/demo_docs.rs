@@ -251,6 +251,18 @@ fn flags_of(binary: &str) -> BTreeSet<String> {
     flags
 }
 
+/// The subcommands a binary's help lists under "Commands:".
+fn subcommands(binary: &str) -> BTreeSet<String> {
+    let out = bin(binary).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
 /// Code spans and code-block lines of a document.
 fn code_of(text: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -316,6 +328,20 @@ fn every_command_flag_and_path_the_documents_name_exists() {
                 Some(i) if !named.is_empty() => &flags[words[i].rsplit('/').next().unwrap()],
                 _ => &all_flags,
             };
+            // A subcommand: a lower-case word right after the command.
+            if let (Some(i), Some(next)) = (command, named.first()) {
+                let name = words[i].rsplit('/').next().unwrap();
+                if next.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                    && !next.starts_with('-')
+                {
+                    assert!(
+                        subcommands(name).contains(*next),
+                        "{}: `{code}` names {name} {next}, which is no subcommand",
+                        path.display()
+                    );
+                    flags_checked += 1;
+                }
+            }
             for word in named.iter().filter(|w| w.starts_with("--") && w.len() > 2) {
                 let flag: String = word
                     .split(['=', ',', ')', '`', ';', '.'])

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::tls::Pki;
 use common::*;
+use weatherstream::web::{HEAD_DEADLINE, MAX_CONNECTIONS};
 
-/// The server's deadline for a request head (src/web.rs HEAD_DEADLINE).
-const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 const PASSWORD: &str = "glass-otter-51";
 
 fn files_with_a_partition() -> tempfile::TempDir {
@@ -252,6 +251,22 @@ fn flood(address: &str, pid: u32) -> (usize, u64) {
         "flood: {} connections opened ({refused} not) in {:?}",
         idle.len(),
         started.elapsed()
+    );
+    // Beyond the server's limit a connection is closed at once: a second
+    // after the last connect, at most MAX_CONNECTIONS are still open.
+    std::thread::sleep(Duration::from_secs(1));
+    let still_open = idle
+        .iter()
+        .filter(|stream| {
+            stream.set_nonblocking(true).unwrap();
+            let mut byte = [0u8; 1];
+            matches!(stream.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+        })
+        .count();
+    eprintln!("flood: {still_open} still open a second later");
+    assert!(
+        still_open <= MAX_CONNECTIONS,
+        "{still_open} connections held open, over the limit of {MAX_CONNECTIONS}"
     );
     // While they are open: threads and memory, and scrapes answered. A
     // scrape may find every slot taken by the flood's idle connections
