@@ -8,11 +8,11 @@
 #   docker exec -it p7 consumer export
 #   docker exec -it p7 consumer inspect-state
 #   docker exec -it p7 dashboard --listen 0.0.0.0:8080   (with -p 8080:8080 on run;
-#     add --web-config-file for TLS and a password: README, The HTTP endpoints)
+#     add --web-config-file for TLS and a password: docs/operations.md, The HTTP endpoints)
 
 # Builder: the same script a developer runs (scripts/build-release.sh). No
 # protoc needed (protox compiles the .proto in Rust); librdkafka 2.12.1 is
-# built with gcc and make from vendor/rdkafka-sys (README: Dependencies).
+# built with gcc and make from vendor/rdkafka-sys (docs/design.md: Dependencies).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

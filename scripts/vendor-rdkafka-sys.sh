@@ -3,7 +3,7 @@
 # the registry crate as published, without the parts of librdkafka that the
 # build does not use (tests/, packaging/, examples/, win32/, debian/), with
 # vendor/patches/*.patch applied. Cargo.toml points rdkafka at this copy
-# through [patch.crates-io]; README.md (Dependencies) says why.
+# through [patch.crates-io]; docs/design.md (Dependencies) says why.
 #
 #   scripts/vendor-rdkafka-sys.sh            # re-create, patches applied
 #   scripts/vendor-rdkafka-sys.sh --unpatched  # the same without the patches,

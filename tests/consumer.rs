@@ -291,7 +291,7 @@ fn topic_recreated_while_running_and_before_start_up() {
 /// topic's id with a topic entry that has neither id nor name (a NULL name
 /// reaches strcmp). The vendored librdkafka skips such an entry, with a
 /// debug line; this test makes tansu send one and checks that the guard ran
-/// and the consumer lived on. Without the patch (see README, Dependencies)
+/// and the consumer lived on. Without the patch (see docs/design.md, Dependencies)
 /// the consumer dies with SIGSEGV here.
 #[test]
 fn librdkafka_survives_tansus_nameless_metadata_for_a_deleted_topic() {

@@ -390,7 +390,7 @@ fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading_over_https
         json!("yes")
     );
 
-    // The README's screenshot, when asked for.
+    // The README's screenshot (docs/dashboard.png), when asked for.
     if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
         use base64::Engine as _;
         let png = browser.command("GET", "/screenshot", Value::Null);

@@ -1,5 +1,6 @@
 //! The one-command demo (embedded broker) and the promises the Dockerfile
-//! and README make about binaries.
+//! and the documents (README.md, CHANGELOG.md, docs/) make about
+//! binaries, flags, paths and links, and the README's size.
 mod common;
 
 use std::collections::BTreeSet;

@@ -38,8 +38,8 @@ pub struct Broker {
 /// `--fetch-wait-ms` for tansu: it holds every fetch for the whole wait
 /// (Apache Kafka answers when a record arrives), so the consumer's default
 /// of 500 ms would delay every report by up to that. 15 ms is the longest
-/// wait that keeps freshness within the README's target (p99 <= 25 ms at
-/// the assignment's pace). `TANSU_FETCH_WAIT_MS` in the environment
+/// wait that keeps freshness within its target (p99 <= 25 ms at the
+/// assignment's pace; docs/performance.md). `TANSU_FETCH_WAIT_MS` in the environment
 /// replaces it, to compare settings in the bench.
 pub fn tansu_fetch_wait_ms() -> String {
     std::env::var("TANSU_FETCH_WAIT_MS").unwrap_or_else(|_| "15".into())
@@ -498,7 +498,7 @@ pub struct Record {
 }
 
 /// Reads every partition from offset 0 until `expected` records are read
-/// (watermarks are not trusted: see README), or panics after `timeout`.
+/// (watermarks are not trusted: see docs/design.md), or panics after `timeout`.
 pub fn read_topic(
     bootstrap: &str,
     topic: &str,
