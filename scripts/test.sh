@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The project's test command: installs the test broker (tansu) and the
-# browser of the dashboard test (Chromium), and stunnel and openssl for the
-# TLS and SASL tests, if this machine does not have
-# them yet, then checks formatting and lints and runs every test.
+# The project's test command: installs the test broker (tansu), the
+# browser of the dashboard test (Chromium, with certutil for its trust
+# store), and stunnel, openssl and curl for the TLS, SASL and web tests, if
+# this machine does not have them yet, then checks formatting and lints and
+# runs every test.
 # Integration tests start their own brokers on free loopback ports, or use
 # KAFKA_BOOTSTRAP_SERVERS when it is set.
 set -euo pipefail
