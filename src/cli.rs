@@ -124,9 +124,14 @@ pub fn long_version() -> String {
 }
 
 /// Parses a binary's arguments; `--version` (not `-V`) also names the
-/// librdkafka inside, see [`long_version`].
+/// librdkafka inside, see [`long_version`] (made only when asked for: it
+/// creates a librdkafka configuration).
 pub fn parse<P: clap::Parser>() -> P {
-    let matches = P::command().long_version(long_version()).get_matches();
+    let mut command = P::command();
+    if std::env::args_os().any(|arg| arg == "--version") {
+        command = command.long_version(long_version());
+    }
+    let matches = command.get_matches();
     P::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
 }
 

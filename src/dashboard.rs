@@ -37,14 +37,9 @@ pub struct DashboardConfig {
 /// Serves until shutdown.
 pub fn run(config: &DashboardConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     let server = start(&config.files_dir, &config.listen, config.web.clone())?;
-    let scheme = if config.web.as_ref().is_some_and(|web| web.tls()) {
-        "https"
-    } else {
-        "http"
-    };
     println!(
-        "dashboard: {scheme}://{}/ (files in {}); Ctrl-C stops it",
-        server.address(),
+        "dashboard: {}/ (files in {}); Ctrl-C stops it",
+        server.url(),
         config.files_dir.display()
     );
     while !shutdown.wait(Duration::from_secs(1)) {}

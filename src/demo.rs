@@ -186,12 +186,7 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     let dashboard = match &config.dashboard {
         Some(listen) => {
             let server = dashboard::start(&config.files_dir, listen, config.web.clone())?;
-            let scheme = if config.web.as_ref().is_some_and(|web| web.tls()) {
-                "https"
-            } else {
-                "http"
-            };
-            println!("demo: dashboard at {scheme}://{}/", server.address());
+            println!("demo: dashboard at {}/", server.url());
             Some(server)
         }
         None => None,

@@ -281,37 +281,25 @@ impl PartitionMetrics {
     }
 }
 
-/// The `/metrics` endpoint on [`crate::web`]'s server (its own named
-/// thread), stopped and joined on drop.
-pub(crate) struct MetricsServer {
-    _server: WebServer,
-}
-
 /// Prometheus' text exposition format.
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-impl MetricsServer {
-    /// Binds `address` at once, so a bad address is an error before any
-    /// partition is touched, and starts serving.
-    pub(crate) fn start(
-        address: &str,
-        web: Option<Arc<WebConfig>>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let scheme = if web.as_ref().is_some_and(|web| web.tls()) {
-            "https"
-        } else {
-            "http"
-        };
-        let pages: Pages = Arc::new(move |path| match path {
-            "/metrics" => Page::ok(EXPOSITION, metrics.encode()),
-            _ => Page::not_found(),
-        });
-        let server = WebServer::start("metrics-http", address, web, pages)
-            .with_context(|| format!("cannot serve metrics on {address}"))?;
-        log::info!("metrics at {scheme}://{}/metrics", server.address());
-        Ok(MetricsServer { _server: server })
-    }
+/// Serves `/metrics` on [`crate::web`]'s server (a named thread of its
+/// own, stopped and joined when the server is dropped). Binds `address` at
+/// once, so a bad address is an error before any partition is touched.
+pub(crate) fn serve(
+    address: &str,
+    web: Option<Arc<WebConfig>>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<WebServer> {
+    let pages: Pages = Arc::new(move |path| match path {
+        "/metrics" => Page::ok(EXPOSITION, metrics.encode()),
+        _ => Page::not_found(),
+    });
+    let server = WebServer::start("metrics-http", address, web, pages)
+        .with_context(|| format!("cannot serve metrics on {address}"))?;
+    log::info!("metrics at {}/metrics", server.url());
+    Ok(server)
 }
 
 #[cfg(test)]

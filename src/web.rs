@@ -48,7 +48,7 @@ pub const MAX_CONNECTIONS: usize = 256;
 
 /// What a path answers: status, content type and body.
 pub struct Page {
-    pub status: u16,
+    pub status: StatusCode,
     pub content_type: &'static str,
     pub body: Vec<u8>,
 }
@@ -56,7 +56,7 @@ pub struct Page {
 impl Page {
     pub fn ok(content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
         Page {
-            status: 200,
+            status: StatusCode::OK,
             content_type,
             body: body.into(),
         }
@@ -64,7 +64,7 @@ impl Page {
 
     pub fn not_found() -> Self {
         Page {
-            status: 404,
+            status: StatusCode::NOT_FOUND,
             content_type: TEXT,
             body: b"not found\n".to_vec(),
         }
@@ -254,6 +254,7 @@ fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
 /// A running server; dropping it stops it and joins its thread.
 pub struct WebServer {
     address: SocketAddr,
+    tls: bool,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -271,6 +272,7 @@ impl WebServer {
         let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
+        let tls = web.as_ref().is_some_and(|web| web.tls());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -290,6 +292,7 @@ impl WebServer {
             .with_context(|| format!("starting thread {name}"))?;
         Ok(WebServer {
             address,
+            tls,
             stop,
             thread: Some(thread),
         })
@@ -298,6 +301,12 @@ impl WebServer {
     /// The address bound (the port the OS chose, for `:0`).
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// `http://ADDRESS` or `https://ADDRESS`, as a client reaches it.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.address)
     }
 }
 
@@ -341,31 +350,29 @@ async fn accept_loop(
         let (web, pages) = (web.clone(), pages.clone());
         connections.spawn(async move {
             let _slot = slot;
-            let _ = stream.set_nodelay(true);
-            let activity = Activity::new();
-            let tls = web.as_ref().and_then(|web| web.tls.as_ref());
-            match tls {
-                None => {
-                    serve_connection(Watched::new(stream, &activity), &activity, web, pages).await
-                }
-                Some(acceptor) => {
-                    let Ok(ssl) = Ssl::new(acceptor.context()) else {
-                        return;
-                    };
-                    let Ok(mut tls_stream) =
-                        tokio_openssl::SslStream::new(ssl, Watched::new(stream, &activity))
-                    else {
-                        return;
-                    };
-                    let handshake = Pin::new(&mut tls_stream).accept();
-                    match tokio::time::timeout(HEAD_DEADLINE, handshake).await {
-                        Ok(Ok(())) => serve_connection(tls_stream, &activity, web, pages).await,
-                        Ok(Err(error)) => log::debug!("TLS handshake: {error}"),
-                        Err(_) => log::debug!("TLS handshake: no handshake within the deadline"),
-                    }
-                }
-            }
+            connection(stream, web, pages).await;
         });
+    }
+}
+
+/// One accepted connection: its TLS handshake if configured, then HTTP.
+async fn connection(stream: tokio::net::TcpStream, web: Option<Arc<WebConfig>>, pages: Pages) {
+    let _ = stream.set_nodelay(true);
+    let activity = Activity::new();
+    let stream = Watched::new(stream, &activity);
+    let Some(acceptor) = web.as_ref().and_then(|web| web.tls.as_ref()) else {
+        return serve_connection(stream, &activity, web, pages).await;
+    };
+    let tls_stream =
+        Ssl::new(acceptor.context()).and_then(|ssl| tokio_openssl::SslStream::new(ssl, stream));
+    let Ok(mut tls_stream) = tls_stream else {
+        return;
+    };
+    let handshake = Pin::new(&mut tls_stream).accept();
+    match tokio::time::timeout(HEAD_DEADLINE, handshake).await {
+        Ok(Ok(())) => serve_connection(tls_stream, &activity, web, pages).await,
+        Ok(Err(error)) => log::debug!("TLS handshake: {error}"),
+        Err(_) => log::debug!("TLS handshake: no handshake within the deadline"),
     }
 }
 
@@ -439,7 +446,7 @@ fn respond(
     }
     let page = pages(request.uri().path());
     let mut response = Response::new(Full::new(Bytes::from(page.body)));
-    *response.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::OK);
+    *response.status_mut() = page.status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

@@ -656,13 +656,15 @@ fn a_state_restored_from_an_older_copy_never_takes_the_published_offset_back() {
 
     // Sample the published offsets every 50 ms while the consumer starts
     // on the old state and goes on to the end.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = sample_offsets(files.path().to_path_buf(), newest.clone(), stop.clone());
-    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    let records = finish_and_read(&broker, &topic, &mut producer, files.path(), days, seed);
-    assert_never_went_back(&stop, sampler);
-    assert!(consumer.terminate().success());
-    let stderr = consumer.stderr_text();
+    let (records, stderr) = consume_to_end_sampled(
+        &broker,
+        &topic,
+        &mut producer,
+        files.path(),
+        days,
+        seed,
+        newest.clone(),
+    );
     assert_eq!(
         stderr.matches("adopting the published file").count(),
         4,
@@ -697,13 +699,15 @@ fn a_damaged_state_never_takes_the_published_offset_back() {
 
     // Sample the published offsets every 50 ms while the consumer starts
     // on the damaged state and goes on to the end.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = sample_offsets(files.path().to_path_buf(), newest, stop.clone());
-    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    let records = finish_and_read(&broker, &topic, &mut producer, files.path(), days, seed);
-    assert_never_went_back(&stop, sampler);
-    assert!(consumer.terminate().success());
-    let stderr = consumer.stderr_text();
+    let (records, stderr) = consume_to_end_sampled(
+        &broker,
+        &topic,
+        &mut producer,
+        files.path(),
+        days,
+        seed,
+        newest,
+    );
     // sled recovered older states: the damage reached the worker.
     assert!(stderr.contains("adopting the published file"), "{stderr}");
     assert_files_match(files.path(), &recompute(&records), 4);

@@ -62,20 +62,10 @@ struct Dashboard {
     address: String,
 }
 
-fn start_dashboard(files: &Path) -> Dashboard {
-    start_dashboard_with(files, &[])
-}
-
-fn start_dashboard_with(files: &Path, args: &[&std::ffi::OsStr]) -> Dashboard {
-    let mut cmd = bin("dashboard");
-    cmd.arg("--files")
-        .arg(files)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args);
-    let running = Running::spawn(cmd);
-    let address = running.listening_address();
+fn dashboard_on(files: &Path, web_config: Option<&Path>) -> Dashboard {
+    let (process, address) = start_dashboard(files, web_config);
     Dashboard {
-        _process: running,
+        _process: process,
         address,
     }
 }
@@ -102,7 +92,7 @@ fn listing(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
 fn http_serves_the_files_as_they_are_and_nothing_else() {
     let files = files_folder();
     let before = listing(files.path());
-    let dashboard = start_dashboard(files.path());
+    let dashboard = dashboard_on(files.path(), None);
     let get = |path: &str| http(&dashboard.address, "GET", path, None);
 
     let (status, headers, body) = get("/");
@@ -333,20 +323,7 @@ fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading_over_https
     let files = files_folder();
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = common::tls::Pki::create(pki_dir.path());
-    let web_config = pki_dir.path().join("web.yml");
-    std::fs::write(
-        &web_config,
-        format!(
-            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
-            pki.path("server.pem"),
-            pki.path("server.key")
-        ),
-    )
-    .unwrap();
-    let dashboard = start_dashboard_with(
-        files.path(),
-        &["--web-config-file".as_ref(), web_config.as_os_str()],
-    );
+    let dashboard = dashboard_on(files.path(), Some(&pki.web_config("")));
     let port = dashboard.address.rsplit(':').next().unwrap();
     let browser = Browser::start(Some(&pki_dir.path().join("ca.pem")));
     browser.open(&format!("https://localhost:{port}/"));

@@ -194,13 +194,15 @@ fn a_state_recovered_as_empty_or_unopenable_never_takes_the_published_file_back(
     state_recovered_as_empty(&state, 1, false);
     state_sled_cannot_open(&state, 2);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_offsets(files.path().to_path_buf(), newest.clone(), stop.clone());
-    let mut consumer = start_consumer(&broker, &topic, files.path(), &ALL);
-    let records = finish_and_read(&broker, &topic, &mut producer, files.path(), days, seed);
-    assert_never_went_back(&stop, sampler);
-    assert!(consumer.terminate().success());
-    let stderr = consumer.stderr_text();
+    let (records, stderr) = consume_to_end_sampled(
+        &broker,
+        &topic,
+        &mut producer,
+        files.path(),
+        days,
+        seed,
+        newest.clone(),
+    );
     let lines_of = |partition: i32| -> String {
         stderr
             .lines()

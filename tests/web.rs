@@ -8,7 +8,6 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -27,19 +26,6 @@ fn files_with_a_partition() -> tempfile::TempDir {
     )
     .unwrap();
     files
-}
-
-fn start_dashboard(files: &Path, web_config: Option<&Path>) -> (Running, String) {
-    let mut cmd = bin("dashboard");
-    cmd.arg("--files")
-        .arg(files)
-        .args(["--listen", "127.0.0.1:0"]);
-    if let Some(path) = web_config {
-        cmd.arg("--web-config-file").arg(path);
-    }
-    let running = Running::spawn(cmd);
-    let address = running.listening_address();
-    (running, address)
 }
 
 /// One GET over a fresh connection, answered within `within`: the status,
@@ -370,19 +356,9 @@ fn the_metrics_endpoint_stands_slowloris_and_a_flood_of_idle_connections() {
 }
 
 /// A web config with TLS (the test CA's server certificate) and one user.
-fn web_config(dir: &Path, pki: &Pki) -> std::path::PathBuf {
+fn web_config(pki: &Pki) -> std::path::PathBuf {
     let hash = bcrypt::hash(PASSWORD, 6).unwrap();
-    let path = dir.join("web.yml");
-    std::fs::write(
-        &path,
-        format!(
-            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  prometheus: '{hash}'\n",
-            pki.path("server.pem"),
-            pki.path("server.key")
-        ),
-    )
-    .unwrap();
-    path
+    pki.web_config(&format!("basic_auth_users:\n  prometheus: '{hash}'\n"))
 }
 
 /// curl's status code for `url` with the test CA, and with `user` if given.
@@ -429,7 +405,7 @@ fn assert_tls_and_basic_auth(pki: &Pki, url: &str) {
 fn tls_and_basic_auth_guard_the_dashboard_and_a_wrong_web_config_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(&dir.path().join("pki"));
-    let config = web_config(dir.path(), &pki);
+    let config = web_config(&pki);
     let files = files_with_a_partition();
     let (dashboard, address) = start_dashboard(files.path(), Some(&config));
     assert!(
@@ -484,7 +460,7 @@ fn tls_and_basic_auth_guard_the_metrics() {
     let records = produce_and_read(&broker, &topic, 200, 62);
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(&dir.path().join("pki"));
-    let config = web_config(dir.path(), &pki);
+    let config = web_config(&pki);
     let files = tempfile::tempdir().unwrap();
     let mut cmd = broker.consumer_cmd(&topic);
     cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])

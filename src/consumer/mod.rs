@@ -41,7 +41,7 @@ use crate::atomic_file;
 use crate::broker_link::BrokerLink;
 use crate::exporter::{Committed, Exporter};
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
-use crate::metrics::{Metrics, MetricsServer, PartitionMetrics};
+use crate::metrics::{Metrics, PartitionMetrics};
 use crate::proof;
 use crate::published::{self, partition_file};
 use crate::shutdown::Shutdown;
@@ -210,7 +210,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
     let _metrics_server = match &config.metrics_addr {
-        Some(address) => Some(MetricsServer::start(
+        Some(address) => Some(crate::metrics::serve(
             address,
             config.web.clone(),
             metrics.clone(),

@@ -895,6 +895,21 @@ pub fn http(
     (status, headers, content)
 }
 
+/// `dashboard` on `files` at a port of its own, with `--web-config-file`
+/// if given: the process and the address it listens on.
+pub fn start_dashboard(files: &Path, web_config: Option<&Path>) -> (Running, String) {
+    let mut cmd = bin("dashboard");
+    cmd.arg("--files")
+        .arg(files)
+        .args(["--listen", "127.0.0.1:0"]);
+    if let Some(path) = web_config {
+        cmd.arg("--web-config-file").arg(path);
+    }
+    let running = Running::spawn(cmd);
+    let address = running.listening_address();
+    (running, address)
+}
+
 /// Published offsets of partitions 0..4 (None where no file yet).
 pub fn published_offsets(files: &Path) -> Vec<Option<i64>> {
     (0..4)
@@ -951,6 +966,31 @@ pub fn sample_offsets(
         }
         went_back
     })
+}
+
+/// Starts a consumer of every partition on `files` while the published
+/// offsets are sampled every 50 ms from `newest`, lets the paced producer
+/// finish, checks that no sampled offset went back, and stops the
+/// consumer cleanly: the records of the whole topic and the consumer's
+/// stderr.
+#[allow(clippy::too_many_arguments)]
+pub fn consume_to_end_sampled(
+    broker: &Broker,
+    topic: &str,
+    producer: &mut Running,
+    files: &Path,
+    days: u64,
+    seed: u64,
+    newest: Vec<Option<i64>>,
+) -> (Vec<Record>, String) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_offsets(files.to_path_buf(), newest, stop.clone());
+    let mut consumer = start_consumer(broker, topic, files, &[0, 1, 2, 3]);
+    let records = finish_and_read(broker, topic, producer, files, days, seed);
+    assert_never_went_back(&stop, sampler);
+    assert!(consumer.terminate().success());
+    let stderr = consumer.stderr_text();
+    (records, stderr)
 }
 
 /// Waits for a paced producer of `days` with `seed` to finish, reads the

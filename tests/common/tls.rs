@@ -106,6 +106,22 @@ impl Pki {
     pub fn path(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
+
+    /// A `--web-config-file` serving TLS with the server certificate, plus
+    /// `more` (YAML, e.g. `basic_auth_users`); its path.
+    pub fn web_config(&self, more: &str) -> PathBuf {
+        let path = self.dir.join("web.yml");
+        std::fs::write(
+            &path,
+            format!(
+                "tls_server_config:\n  cert_file: {}\n  key_file: {}\n{more}",
+                self.path("server.pem"),
+                self.path("server.key")
+            ),
+        )
+        .unwrap();
+        path
+    }
 }
 
 /// stunnel accepting TLS on a loopback port and forwarding plain TCP to
