@@ -2,6 +2,15 @@
 //! and the duplicate rule of the assignment (a report whose date is <= the
 //! last date recorded for its month/year is a retry and is dropped). No I/O:
 //! the state module persists what this computes.
+//!
+//! Every statistic it produces is a finite number: a report whose degrees
+//! are finite but would take its month/year's sum past `f64::MAX` (two
+//! reports of `1e308`) is refused as [`Outcome::Unrepresentable`], and the
+//! month/year stays as it was, its dedup `end` included. The duplicate rule
+//! comes first, so a retry is dropped by its date whatever its value (the
+//! assignment's retries carry `1000000.0`). Non-finite degrees never get
+//! here from the consumer (the report's validation refuses them), but the
+//! fold refuses them too rather than trust its caller.
 
 use std::collections::BTreeMap;
 
@@ -47,30 +56,62 @@ impl MonthStats {
 pub type Aggregates = BTreeMap<MonthYear, MonthStats>;
 
 /// What the fold did with one report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
     Counted,
     /// Dropped by the date rule.
     Duplicate,
+    /// Refused: counting it would make a statistic of its month/year
+    /// infinite or NaN (see the module comment).
+    Unrepresentable(Unrepresentable),
+}
+
+/// A report that cannot be counted without destroying a statistic.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum Unrepresentable {
+    #[error("degrees {0} is not a finite number")]
+    NonFinite(f64),
+    #[error("degrees {degrees:e} would take the sum of its month/year ({sum:e}) past the largest finite number")]
+    SumOverflow { degrees: f64, sum: f64 },
+}
+
+/// What [`fold`] makes of one report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Folded {
+    /// The month/year's statistics with the report counted.
+    Counted(MonthStats),
+    Duplicate,
+    Unrepresentable(Unrepresentable),
 }
 
 /// Folds one report into `stats` (None: the month/year's first report).
-/// Returns the new statistics, or None for a duplicate.
-pub fn fold(stats: Option<&MonthStats>, report: &ValidReport) -> Option<MonthStats> {
+pub fn fold(stats: Option<&MonthStats>, report: &ValidReport) -> Folded {
+    if !report.degrees.is_finite() {
+        return Folded::Unrepresentable(Unrepresentable::NonFinite(report.degrees));
+    }
     match stats {
-        None => Some(MonthStats {
+        None => Folded::Counted(MonthStats {
             count: 1,
             sum: report.degrees,
             start: report.date,
             end: report.date,
         }),
-        Some(s) if report.date <= s.end => None,
-        Some(s) => Some(MonthStats {
-            count: s.count + 1,
-            sum: s.sum + report.degrees,
-            start: s.start,
-            end: report.date,
-        }),
+        Some(s) if report.date <= s.end => Folded::Duplicate,
+        Some(s) => {
+            let sum = s.sum + report.degrees;
+            if !sum.is_finite() {
+                return Folded::Unrepresentable(Unrepresentable::SumOverflow {
+                    degrees: report.degrees,
+                    sum: s.sum,
+                });
+            }
+            Folded::Counted(MonthStats {
+                count: s.count.saturating_add(1),
+                sum,
+                start: s.start,
+                end: report.date,
+            })
+        }
     }
 }
 
@@ -85,6 +126,8 @@ pub struct BatchFold<'a> {
     open: Option<(MonthYear, MonthStats)>,
     pub counted: u64,
     pub duplicates: u64,
+    /// Reports refused as [`Outcome::Unrepresentable`].
+    pub unrepresentable: u64,
 }
 
 impl<'a> BatchFold<'a> {
@@ -95,6 +138,7 @@ impl<'a> BatchFold<'a> {
             open: None,
             counted: 0,
             duplicates: 0,
+            unrepresentable: 0,
         }
     }
 
@@ -114,23 +158,30 @@ impl<'a> BatchFold<'a> {
             }
             let current = self.touched.get(&key).or_else(|| self.committed.get(&key));
             match fold(current, report) {
-                Some(next) => self.open = Some((key, next)),
-                None => {
-                    self.duplicates += 1;
-                    return Outcome::Duplicate;
-                }
+                Folded::Counted(next) => self.open = Some((key, next)),
+                other => return self.not_counted(other),
             }
         } else if let Some((_, stats)) = &mut self.open {
             match fold(Some(stats), report) {
-                Some(next) => *stats = next,
-                None => {
-                    self.duplicates += 1;
-                    return Outcome::Duplicate;
-                }
+                Folded::Counted(next) => *stats = next,
+                other => return self.not_counted(other),
             }
         }
         self.counted += 1;
         Outcome::Counted
+    }
+
+    fn not_counted(&mut self, folded: Folded) -> Outcome {
+        match folded {
+            Folded::Unrepresentable(why) => {
+                self.unrepresentable += 1;
+                Outcome::Unrepresentable(why)
+            }
+            _ => {
+                self.duplicates += 1;
+                Outcome::Duplicate
+            }
+        }
     }
 
     /// The month/years this batch changed, with their new statistics.
@@ -297,11 +348,11 @@ mod tests {
         for report in &reports {
             let key = MonthYear::of(report.date);
             match fold(expected.get(&key), report) {
-                Some(next) => {
+                Folded::Counted(next) => {
                     expected.insert(key, next);
                     expected_counted += 1;
                 }
-                None => expected_dups += 1,
+                _ => expected_dups += 1,
             }
         }
         assert_eq!((expected_counted, expected_dups), (6, 2));
@@ -320,6 +371,35 @@ mod tests {
         let mut result = committed.clone();
         result.extend(batch.into_touched());
         assert_eq!(result, expected);
+    }
+
+    #[test]
+    fn a_sum_that_would_overflow_is_refused_and_leaves_the_month_as_it_was() {
+        let committed = Aggregates::new();
+        let mut batch = BatchFold::new(&committed);
+        assert_eq!(batch.add(&r(9001, 1, 1, 1e308)), Outcome::Counted);
+        assert!(matches!(
+            batch.add(&r(9001, 1, 2, 1e308)),
+            Outcome::Unrepresentable(Unrepresentable::SumOverflow { .. })
+        ));
+        // The refused report did not move `end`: the next day still counts,
+        // and a retry of day 1 is still a duplicate, whatever its value.
+        assert_eq!(batch.add(&r(9001, 1, 2, -1e308)), Outcome::Counted);
+        assert_eq!(batch.add(&r(9001, 1, 2, 1e6)), Outcome::Duplicate);
+        assert!(matches!(
+            batch.add(&r(9001, 1, 3, f64::NAN)),
+            Outcome::Unrepresentable(Unrepresentable::NonFinite(_))
+        ));
+        assert_eq!(
+            (batch.counted, batch.duplicates, batch.unrepresentable),
+            (2, 1, 2)
+        );
+        let jan = batch.into_touched()[&MonthYear {
+            month: 1,
+            year: 9001,
+        }];
+        assert_eq!((jan.count, jan.sum), (2, 0.0));
+        assert_eq!(jan.end, NaiveDate::from_ymd_opt(9001, 1, 2).unwrap());
     }
 
     #[test]

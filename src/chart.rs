@@ -34,7 +34,92 @@ pub struct Bar {
 /// `January-2010 19.32`: how the commands list a bar.
 impl std::fmt::Display for Bar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {:.2}", self.label, self.avg)
+        write!(f, "{} {}", self.label, Degrees(self.avg))
+    }
+}
+
+/// A value as the chart and the commands show it: two decimals, or
+/// scientific notation where two decimals would be 300 digits long or show
+/// nothing (`1.000e308`, `4.941e-324`); `n/a` for what is not a number
+/// (no statistic of ours, but the renderer takes any input).
+pub(crate) struct Degrees(pub(crate) f64);
+
+impl std::fmt::Display for Degrees {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let magnitude = self.0.abs();
+        if !magnitude.is_finite() {
+            f.write_str("n/a")
+        } else if magnitude != 0.0 && !(0.01..1e7).contains(&magnitude) {
+            write!(f, "{:.3e}", self.0)
+        } else {
+            write!(f, "{:.2}", self.0)
+        }
+    }
+}
+
+/// Powers of ten the y axis is drawn in: plotters computes its key points
+/// in f64 and never finishes on ranges near `f64::MAX` or among
+/// subnormals, so values outside this band are drawn scaled, and the axis
+/// says by how much.
+const PLAIN_AXIS_EXPONENTS: std::ops::RangeInclusive<i32> = -3..=6;
+
+/// The y axis of a set of bars: the scale its values are divided by (a
+/// power of ten, named in the axis title), and the range in scaled units.
+/// Only finite values count; zero is always on the axis.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct YAxis {
+    /// 0: values as they are; k: values are drawn divided by 10^k.
+    pub(crate) exponent: i32,
+    pub(crate) range: std::ops::Range<f64>,
+}
+
+impl YAxis {
+    pub(crate) fn of(values: impl IntoIterator<Item = f64>) -> Self {
+        let (mut low, mut high) = (0.0_f64, 0.0_f64);
+        for value in values.into_iter().filter(|v| v.is_finite()) {
+            low = low.min(value);
+            high = high.max(value);
+        }
+        let magnitude = low.abs().max(high.abs());
+        let exponent = if magnitude == 0.0 {
+            0
+        } else {
+            // Within one of the truth for every finite magnitude (subnormals
+            // included): enough to pick a scale.
+            magnitude.log10().floor() as i32
+        };
+        let exponent = if PLAIN_AXIS_EXPONENTS.contains(&exponent) {
+            0
+        } else {
+            exponent
+        };
+        let axis = YAxis {
+            exponent,
+            range: 0.0..1.0,
+        };
+        let (low, high) = (axis.scaled(low), axis.scaled(high));
+        let margin = (high - low).max(1.0) * 0.1;
+        YAxis {
+            range: if low < 0.0 { low - margin } else { 0.0 }..high + margin,
+            ..axis
+        }
+    }
+
+    /// `value` in the axis' units: divided by 10^exponent in two steps, as
+    /// 10^-324 is not a finite f64 but its halves are.
+    pub(crate) fn scaled(&self, value: f64) -> f64 {
+        if self.exponent == 0 {
+            return value;
+        }
+        let half = self.exponent / 2;
+        value / 10f64.powi(half) / 10f64.powi(self.exponent - half)
+    }
+
+    fn description(&self) -> String {
+        match self.exponent {
+            0 => "Avg. Max Temperature".to_string(),
+            k => format!("Avg. Max Temperature (×1e{k})"),
+        }
     }
 }
 
@@ -110,22 +195,29 @@ pub(crate) fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
                 ("sans-serif", 22).into_font().color(&BLACK),
             ))?;
         } else {
-            let top = bars.iter().map(|b| b.avg).fold(0.0_f64, f64::max);
-            let bottom = bars.iter().map(|b| b.avg).fold(0.0_f64, f64::min);
-            let margin = (top - bottom).max(1.0) * 0.1;
-            let y_range = if bottom < 0.0 { bottom - margin } else { 0.0 }..top + margin;
+            let axis = YAxis::of(bars.iter().map(|b| b.avg));
+            // A bar whose value is not finite (no statistic of ours is, but
+            // a renderer must finish on anything) is drawn at zero, with
+            // its value as text.
+            let height = |bar: &Bar| {
+                if bar.avg.is_finite() {
+                    axis.scaled(bar.avg)
+                } else {
+                    0.0
+                }
+            };
             let mut chart = ChartBuilder::on(&root)
                 .caption(title, ("sans-serif", 24))
                 .margin(12)
                 .x_label_area_size(40)
                 .y_label_area_size(60)
-                .build_cartesian_2d((0..bars.len() - 1).into_segmented(), y_range)?;
+                .build_cartesian_2d((0..bars.len() - 1).into_segmented(), axis.range.clone())?;
             chart
                 .configure_mesh()
                 .disable_x_mesh()
                 .light_line_style(WHITE)
                 .label_style(("sans-serif", 14))
-                .y_desc("Avg. Max Temperature")
+                .y_desc(axis.description())
                 .x_labels(bars.len())
                 .x_label_formatter(&|x| match x {
                     SegmentValue::CenterOf(i) => {
@@ -138,7 +230,7 @@ pub(crate) fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
                 let mut rect = Rectangle::new(
                     [
                         (SegmentValue::Exact(i), 0.0),
-                        (SegmentValue::Exact(i + 1), bar.avg),
+                        (SegmentValue::Exact(i + 1), height(bar)),
                     ],
                     BLUE.mix(0.7).filled(),
                 );
@@ -147,8 +239,8 @@ pub(crate) fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
             }))?;
             chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
                 Text::new(
-                    format!("{:.2}", bar.avg),
-                    (SegmentValue::CenterOf(i), bar.avg),
+                    Degrees(bar.avg).to_string(),
+                    (SegmentValue::CenterOf(i), height(bar)),
                     ("sans-serif", 16)
                         .into_font()
                         .color(&BLACK)
@@ -229,6 +321,8 @@ fn inode(_: &fs::Metadata) -> u64 {
 pub(crate) struct ChartRenderer {
     files_dir: PathBuf,
     parsed: BTreeMap<PathBuf, (FileVersion, ChartInput)>,
+    /// [`render_svg`]; tests put a renderer that never returns here.
+    draw: fn(&[Bar]) -> anyhow::Result<String>,
 }
 
 impl ChartRenderer {
@@ -236,7 +330,14 @@ impl ChartRenderer {
         ChartRenderer {
             files_dir,
             parsed: BTreeMap::new(),
+            draw: render_svg,
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn drawing_with(mut self, draw: fn(&[Bar]) -> anyhow::Result<String>) -> Self {
+        self.draw = draw;
+        self
     }
 
     /// Writes month.svg from `own` (partition -> input, for partitions this
@@ -271,7 +372,7 @@ impl ChartRenderer {
         }
         self.parsed.retain(|path, _| seen.contains_key(path));
         report.bars = bars_of(&inputs);
-        let svg = render_svg(&report.bars)?;
+        let svg = (self.draw)(&report.bars)?;
         atomic_file::write(&report.path, svg.as_bytes())
             .with_context(|| format!("writing {}", report.path.display()))?;
         Ok(report)
@@ -363,7 +464,7 @@ mod tests {
     }
 
     fn write_partition(dir: &Path, partition: PartitionId, aggregates: &Aggregates) {
-        let text = crate::published::partition_json(partition, 1, aggregates);
+        let text = crate::published::partition_json(partition, 1, aggregates).unwrap();
         atomic_file::write(
             &dir.join(format!("partition-{partition}.json")),
             text.as_bytes(),
@@ -449,5 +550,89 @@ mod tests {
             assert!(svg.contains(text), "{text} missing");
         }
         assert!(render_svg(&[]).unwrap().contains("no data yet"));
+    }
+
+    /// Renders on a thread of its own: a rendering that never ends fails
+    /// the test instead of hanging it (plotters' key points looped forever
+    /// on an infinite range).
+    fn render_within_limit(values: &[f64]) -> String {
+        let bars: Vec<Bar> = values
+            .iter()
+            .enumerate()
+            .map(|(i, avg)| Bar {
+                label: format!("{}-9001", month_name(i as u32 + 1)),
+                avg: *avg,
+            })
+            .collect();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(render_svg(&bars).map_err(|e| e.to_string()));
+        });
+        let svg = result
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("rendering {values:?} did not end"))
+            .unwrap();
+        roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{values:?}: {e}"));
+        svg
+    }
+
+    #[test]
+    fn every_range_renders_one_bar_equal_bars_the_edges_of_f64_and_subnormals() {
+        let tiny = 5e-324;
+        for values in [
+            vec![0.0],
+            vec![37.5],
+            vec![-12.0],
+            vec![20.0, 20.0, 20.0],
+            vec![0.0, 0.0, 0.0],
+            vec![f64::MAX],
+            vec![-f64::MAX],
+            vec![f64::MAX, -f64::MAX, f64::MAX],
+            vec![1e308, f64::MAX, -1e308],
+            vec![tiny],
+            vec![tiny, -tiny, f64::MIN_POSITIVE],
+            vec![1e-300, 1e300],
+            vec![f64::NAN, f64::INFINITY, f64::NEG_INFINITY],
+            vec![f64::NAN, 20.0, f64::INFINITY],
+            vec![1e6, 1e7, 9.99e6],
+        ] {
+            let svg = render_within_limit(&values);
+            assert!(!svg.contains("NaN"), "{values:?}");
+        }
+        let svg = render_within_limit(&[f64::MAX, -f64::MAX, 1e308]);
+        assert!(svg.contains("1.798e308") && svg.contains("-1.798e308"));
+        assert!(svg.contains("1.000e308"));
+        assert!(svg.contains("×1e308"), "the axis says its scale");
+        let svg = render_within_limit(&[tiny]);
+        assert!(svg.contains("4.941e-324"));
+    }
+
+    #[test]
+    fn the_axis_is_plain_for_temperatures_and_scaled_at_the_edges() {
+        let axis = YAxis::of([37.26, 47.48]);
+        assert_eq!(axis.exponent, 0);
+        assert_eq!(axis.range.start, 0.0);
+        assert!((axis.range.end - (47.48 + 4.748)).abs() < 1e-9);
+        let axis = YAxis::of([f64::MAX, -f64::MAX]);
+        assert_eq!(axis.exponent, 308);
+        assert!(axis.range.start.is_finite() && axis.range.end.is_finite());
+        assert!(axis.range.start < -1.7 && axis.range.end > 1.7);
+        let axis = YAxis::of([5e-324]);
+        assert_eq!(axis.exponent, -324);
+        assert!((axis.scaled(5e-324) - 4.94).abs() < 0.01);
+        // Only finite values count.
+        assert_eq!(YAxis::of([f64::NAN, f64::INFINITY]), YAxis::of([]));
+        assert_eq!(YAxis::of([]).range, 0.0..0.1);
+    }
+
+    #[test]
+    fn values_are_shown_in_two_decimals_or_scientifically_at_the_edges() {
+        assert_eq!(Degrees(37.256).to_string(), "37.26");
+        assert_eq!(Degrees(0.0).to_string(), "0.00");
+        assert_eq!(Degrees(-0.5).to_string(), "-0.50");
+        assert_eq!(Degrees(f64::MAX).to_string(), "1.798e308");
+        assert_eq!(Degrees(5e-324).to_string(), "4.941e-324");
+        assert_eq!(Degrees(f64::NAN).to_string(), "n/a");
+        assert_eq!(Degrees(f64::INFINITY).to_string(), "n/a");
     }
 }

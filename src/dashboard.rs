@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use serde_json::{json, Map, Value};
 
 use crate::chart::{partition_files, CHART_FILE};
-use crate::published::parse_partition_json;
+use crate::published::{self, parse_partition_json};
 use crate::shutdown::Shutdown;
 use crate::web::{Page, WebConfig, WebServer};
 
@@ -119,11 +119,17 @@ pub(crate) fn state_json(files_dir: &Path) -> Value {
         let modified = modified_unix_ms(&path);
         let entry = match std::fs::read_to_string(&path) {
             Err(_) => continue, // replaced or removed between listing and reading
-            Ok(text) => match (
-                parse_partition_json(&text),
-                serde_json::from_str::<Value>(&text),
-            ) {
-                (Ok(parsed), Ok(Value::Object(top))) => {
+            // The months as this program writes them, whoever wrote the
+            // file: `avg` recomputed, never null, every number finite.
+            Ok(text) => match parse_partition_json(&text).and_then(|parsed| {
+                let value = published::partition_value(
+                    parsed.partition,
+                    parsed.offset,
+                    &parsed.aggregates,
+                )?;
+                Ok((parsed, value))
+            }) {
+                Ok((parsed, Value::Object(top))) => {
                     // Filtered, not removed: removal would reorder the
                     // months (serde_json's preserve_order swaps on remove).
                     let months: Map<String, Value> = top
@@ -138,13 +144,13 @@ pub(crate) fn state_json(files_dir: &Path) -> Value {
                         "months": Value::Object(months),
                     })
                 }
-                (Err(error), _) => json!({
+                Err(error) => json!({
                     "partition": partition,
                     "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
                     "modified_unix_ms": modified,
                     "error": error.to_string(),
                 }),
-                (Ok(_), _) => continue,
+                Ok(_) => continue,
             },
         };
         partitions.push(entry);

@@ -255,28 +255,24 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     let stop_consumer = Shutdown::new();
     let consumer_thread = {
         let (config, stop) = (consumer_config.clone(), stop_consumer.clone());
-        std::thread::Builder::new()
-            .name("consumer".into())
-            .spawn(move || consumer::run(&config, &stop))?
+        crate::shutdown::spawn("consumer", move || consumer::run(&config, &stop))?
     };
     let producer_thread = {
         let (config, stop, follow) = (producer_config.clone(), shutdown.clone(), config.follow);
-        std::thread::Builder::new().name("producer".into()).spawn(
-            move || -> anyhow::Result<u64> {
-                let summary = producer::run(&config, &stop)?;
-                if !follow || stop.requested() {
-                    return Ok(summary.days);
-                }
-                log::info!("following at one day per {:?} until Ctrl-C", FOLLOW_DELAY);
-                let more = ProducerConfig {
-                    delay: FOLLOW_DELAY,
-                    days: None,
-                    start: TopicStart::FromDay(summary.days),
-                    ..config
-                };
-                Ok(producer::run(&more, &stop)?.days)
-            },
-        )?
+        crate::shutdown::spawn("producer", move || -> anyhow::Result<u64> {
+            let summary = producer::run(&config, &stop)?;
+            if !follow || stop.requested() {
+                return Ok(summary.days);
+            }
+            log::info!("following at one day per {:?} until Ctrl-C", FOLLOW_DELAY);
+            let more = ProducerConfig {
+                delay: FOLLOW_DELAY,
+                days: None,
+                start: TopicStart::FromDay(summary.days),
+                ..config
+            };
+            Ok(producer::run(&more, &stop)?.days)
+        })?
     };
 
     let started = Instant::now();

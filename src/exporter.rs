@@ -132,15 +132,15 @@ impl Exporter {
         render_chart: bool,
         metrics: Option<Arc<Metrics>>,
     ) -> std::io::Result<Self> {
+        let mut export = ExportLoop::new(files_dir, render_chart);
+        export.metrics = metrics;
+        export.state_dir = state_dir;
+        Self::start(export)
+    }
+
+    fn start(export: ExportLoop) -> std::io::Result<Self> {
         let (sender, receiver) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
-        let thread = std::thread::Builder::new()
-            .name("exporter".into())
-            .spawn(move || {
-                let mut export = ExportLoop::new(files_dir, render_chart);
-                export.metrics = metrics;
-                export.state_dir = state_dir;
-                export.run(receiver)
-            })?;
+        let thread = crate::shutdown::spawn("exporter", move || export.run(receiver))?;
         Ok(Exporter {
             sender: Some(sender),
             thread: Some(thread),
@@ -514,5 +514,85 @@ mod tests {
         exporter.publish_due(true);
         assert!(exporter.pending.is_empty());
         assert!(partition_file(&missing, 3).exists());
+    }
+
+    /// The child's side of the test below: an exporter whose renderer
+    /// never returns, a real SIGTERM, then the usual stop, which waits for
+    /// the exporter forever. The deadline must end the process.
+    fn stuck_exporter_child() {
+        static DRAWING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        fn never_returns(_: &[crate::chart::Bar]) -> anyhow::Result<String> {
+            DRAWING.store(true, std::sync::atomic::Ordering::SeqCst);
+            loop {
+                std::thread::park();
+            }
+        }
+        let shutdown =
+            crate::shutdown::Shutdown::install("exporter-test", Duration::from_millis(1500))
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut export = ExportLoop::new(dir.path().to_path_buf(), true);
+        export.chart = ChartRenderer::new(dir.path().to_path_buf()).drawing_with(never_returns);
+        let exporter = Exporter::start(export).unwrap();
+        exporter
+            .sender()
+            .send(Committed::current(empty_snapshot(0, 0, 1)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !DRAWING.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the renderer was never called");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
+        assert!(shutdown.requested());
+        exporter.finish();
+        unreachable!("the exporter cannot finish");
+    }
+
+    #[test]
+    fn a_renderer_that_never_returns_cannot_hold_up_the_stop() {
+        const CHILD: &str = "WEATHERSTREAM_STUCK_EXPORTER_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            stuck_exporter_child();
+            return;
+        }
+        let started = Instant::now();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "exporter::tests::a_renderer_that_never_returns_cannot_hold_up_the_stop",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Far above the 1.5 s deadline: only a stop that never ends fails.
+        let limit = Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > limit {
+                child.kill().unwrap();
+                panic!("the process did not end within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("did not stop within"))
+            .unwrap_or_else(|| panic!("no deadline line in {stderr:?}"));
+        assert!(
+            line.starts_with("exporter-test: error: did not stop within 1.5 s"),
+            "{line}"
+        );
+        assert!(line.contains("still running: exporter"), "{line}");
+        assert!(started.elapsed() >= Duration::from_millis(1500));
     }
 }

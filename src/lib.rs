@@ -19,6 +19,8 @@ pub mod dashboard;
 pub mod debug;
 pub mod demo;
 pub(crate) mod exporter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generator;
 pub mod kafka;
 mod log_limit;

@@ -332,30 +332,28 @@ impl Pregenerated {
         let (chunks, receiver) = crossbeam_channel::bounded(2);
         let (spent, refill) = crossbeam_channel::bounded::<Chunk>(4);
         let mut encoder = report::Encoder::default();
-        let thread = std::thread::Builder::new()
-            .name("generator".into())
-            .spawn(move || loop {
-                let mut chunk = refill.try_recv().unwrap_or_else(|_| Chunk {
-                    reports: Vec::with_capacity(CHUNK_REPORTS),
-                    values: Vec::with_capacity(CHUNK_REPORTS * 24),
-                });
-                chunk.reports.clear();
-                chunk.values.clear();
-                while chunk.reports.len() < CHUNK_REPORTS
-                    && days.is_none_or(|days| generator.days_generated() < days)
-                {
-                    let Some(obs) = generator.next() else { break };
-                    chunk
-                        .values
-                        .extend_from_slice(encoder.encode(obs.date, obs.degrees));
-                    chunk.reports.push((obs, chunk.values.len()));
-                }
-                let last = chunk.reports.len() < CHUNK_REPORTS;
-                // A send fails once the sending loop is gone: stop then too.
-                if chunk.reports.is_empty() || chunks.send(chunk).is_err() || last {
-                    return;
-                }
-            })?;
+        let thread = crate::shutdown::spawn("generator", move || loop {
+            let mut chunk = refill.try_recv().unwrap_or_else(|_| Chunk {
+                reports: Vec::with_capacity(CHUNK_REPORTS),
+                values: Vec::with_capacity(CHUNK_REPORTS * 24),
+            });
+            chunk.reports.clear();
+            chunk.values.clear();
+            while chunk.reports.len() < CHUNK_REPORTS
+                && days.is_none_or(|days| generator.days_generated() < days)
+            {
+                let Some(obs) = generator.next() else { break };
+                chunk
+                    .values
+                    .extend_from_slice(encoder.encode(obs.date, obs.degrees));
+                chunk.reports.push((obs, chunk.values.len()));
+            }
+            let last = chunk.reports.len() < CHUNK_REPORTS;
+            // A send fails once the sending loop is gone: stop then too.
+            if chunk.reports.is_empty() || chunks.send(chunk).is_err() || last {
+                return;
+            }
+        })?;
         Ok(Pregenerated {
             chunks: Some(receiver),
             spent,

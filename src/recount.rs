@@ -139,13 +139,11 @@ pub fn run(config: &VerifyConfig, out: &mut dyn Write) -> anyhow::Result<bool> {
             continue;
         }
         let config = config.clone();
-        let reader = std::thread::Builder::new()
-            .name(format!("verify-{partition}"))
-            .spawn(move || {
-                let outcome = verify_claim(&config, &claim);
-                (claim.partition, claim.source, outcome)
-            })
-            .context("starting a reader thread")?;
+        let reader = crate::shutdown::spawn(format!("verify-{partition}"), move || {
+            let outcome = verify_claim(&config, &claim);
+            (claim.partition, claim.source, outcome)
+        })
+        .context("starting a reader thread")?;
         readers.push(reader);
     }
     for reader in readers {
@@ -249,7 +247,17 @@ fn claim(config: &VerifyConfig, partition: PartitionId) -> Result<Claim, String>
             drop(state);
             let mut static_differences = Vec::new();
             // Not live: the published file must show the state.
-            if let Ok((published, text)) = read_published(&config.files_dir, partition) {
+            let path = partition_file(&config.files_dir, partition);
+            let read = read_published(&config.files_dir, partition);
+            if let (Err(reason), true) = (&read, path.exists()) {
+                static_differences.push(Difference {
+                    month_year: None,
+                    field: "published file (run `consumer export`)",
+                    expected: "a valid partition file".into(),
+                    found: reason.clone(),
+                });
+            }
+            if let Ok((published, text)) = read {
                 static_differences.extend(avg_differences(&text));
                 if published.offset != snapshot.next_offset {
                     static_differences.push(Difference {

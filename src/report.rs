@@ -147,6 +147,10 @@ pub enum Malformed {
     KeyMismatch { key: String, date: NaiveDate },
     #[error("degrees {0} is not a finite number")]
     NonFinite(f64),
+    /// Finite, but counting it would make a statistic of its month/year
+    /// infinite: decided by the fold, after the duplicate rule.
+    #[error(transparent)]
+    Unrepresentable(#[from] crate::aggregate::Unrepresentable),
 }
 
 /// Decodes a value into a protobuf `Report` without further checks (for

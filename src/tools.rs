@@ -72,6 +72,9 @@ pub fn export(
         }
     }
     let report = chart::render_files(files_dir)?;
+    for (path, reason) in &report.skipped {
+        eprintln!("skipped {} in month.svg: {reason}", path.display());
+    }
     println!(
         "wrote {} ({} bars)",
         report.path.display(),

@@ -279,17 +279,15 @@ impl WebServer {
             .build()
             .context("starting the HTTP runtime")?;
         let (stop, stopped) = watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => accept_loop(listener, web, pages, stopped).await,
-                        Err(error) => log::error!("HTTP server: {error}"),
-                    }
-                });
-            })
-            .with_context(|| format!("starting thread {name}"))?;
+        let thread = crate::shutdown::spawn(name, move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, web, pages, stopped).await,
+                    Err(error) => log::error!("HTTP server: {error}"),
+                }
+            });
+        })
+        .with_context(|| format!("starting thread {name}"))?;
         Ok(WebServer {
             address,
             tls,

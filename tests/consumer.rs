@@ -423,6 +423,163 @@ fn malformed_messages_are_skipped_counted_and_never_stall() {
     assert_eq!(counted, injected);
 }
 
+/// Reports at the edges of f64, each in a month/year of its own (year 9001,
+/// later than any the producer writes, so the chart shows them), injected
+/// into a live stream: an overflowing pair, the largest finite numbers of
+/// both signs, a subnormal, infinities and NaN.
+#[test]
+fn numbers_at_the_edge_of_f64_never_wedge_the_pipeline() {
+    let broker = Broker::start();
+    let topic = unique_topic("extremes");
+    let files = tempfile::tempdir().unwrap();
+    let mut producer = start_paced_producer(&broker, &topic, 1500, 21, "0.004");
+    let readers = Readers::start(files.path());
+    let mut cmd = broker.consumer_cmd(&topic);
+    cmd.args(["--quiet", "--shutdown-timeout", "10", "--files"])
+        .arg(files.path())
+        .args(["0", "1", "2", "3"]);
+    let mut consumer = Running::spawn(cmd);
+    wait_until("a first publish", Duration::from_secs(60), || {
+        (0..4).any(|p| read_partition_file(files.path(), p).is_some_and(|f| f.offset > 0))
+    });
+    let svg_path = files.path().join("month.svg");
+    let day = |month, day| NaiveDate::from_ymd_opt(9001, month, day).unwrap();
+    let extremes = [
+        (day(1, 1), 1e308),
+        (day(1, 2), 1e308),
+        (day(2, 1), f64::MAX),
+        (day(3, 1), -f64::MAX),
+        (day(4, 1), 5e-324),
+        (day(5, 1), f64::INFINITY),
+        (day(5, 2), f64::NEG_INFINITY),
+        (day(5, 3), f64::NAN),
+    ];
+    let raw = raw_producer(&broker);
+    for (date, degrees) in extremes {
+        raw.send(
+            BaseRecord::to(&topic)
+                .key(report::key_for(date))
+                .payload(&report::encode(date, degrees)),
+        )
+        .unwrap();
+    }
+    raw.flush(Duration::from_secs(30)).unwrap();
+    // The chart shows the latest January to March: the year 9001, the
+    // largest finite numbers of both signs on one axis.
+    wait_until(
+        "month.svg with the bars of 9001",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&svg_path).is_ok_and(|svg| {
+                svg.contains("January-9001")
+                    && svg.contains("February-9001")
+                    && svg.contains("March-9001")
+            })
+        },
+    );
+    assert!(producer.child.wait().unwrap().success());
+    let records = all_records(&broker, &topic);
+    wait_for_records(files.path(), &records, Duration::from_secs(90));
+    // The chart is drawn again after the stream ended: the exporter was
+    // never stuck.
+    let before = std::fs::metadata(&svg_path).unwrap().modified().unwrap();
+    let late = NaiveDate::from_ymd_opt(9002, 1, 1).unwrap();
+    raw.send(
+        BaseRecord::to(&topic)
+            .key(report::key_for(late))
+            .payload(&report::encode(late, 1e300)),
+    )
+    .unwrap();
+    raw.flush(Duration::from_secs(30)).unwrap();
+    wait_until("month.svg drawn again", Duration::from_secs(60), || {
+        std::fs::read_to_string(&svg_path).is_ok_and(|svg| svg.contains("January-9002"))
+    });
+    assert!(std::fs::metadata(&svg_path).unwrap().modified().unwrap() >= before);
+    let records = all_records(&broker, &topic);
+    wait_for_records(files.path(), &records, Duration::from_secs(60));
+
+    let signalled = Instant::now();
+    consumer.signal(libc::SIGTERM);
+    let status = consumer.child.wait().unwrap();
+    let stop_took = signalled.elapsed();
+    assert!(status.success(), "{}", consumer.stderr_text());
+    assert!(
+        stop_took < Duration::from_secs(10),
+        "SIGTERM took {stop_took:?}, past the 10 s deadline"
+    );
+    let (reads, problems) = readers.finish();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(reads > 10, "readers read {reads} times");
+
+    // Every other month/year is exact.
+    assert_files_match_in(files.path(), &recompute(&records), 4, |year| year < 9000);
+    // The extremes: counted while every statistic stays finite, else
+    // skipped as malformed, with one line naming partition and offset.
+    let mut found = BTreeMap::new();
+    for p in ALL {
+        let text =
+            std::fs::read_to_string(files.path().join(format!("partition-{p}.json"))).unwrap();
+        // A strict parser: serde_json refuses NaN and Infinity.
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for (month, years) in value.as_object().unwrap() {
+            let Some(years) = years.as_object() else {
+                continue;
+            };
+            for (year, stats) in years {
+                for (field, stat) in stats.as_object().unwrap() {
+                    assert!(
+                        !stat.is_null(),
+                        "partition {p}: {month} {year} {field} is null"
+                    );
+                }
+                if year.parse::<i32>().unwrap() > 9000 {
+                    found.insert(
+                        format!("{month}-{year}"),
+                        (
+                            stats["count"].as_u64().unwrap(),
+                            stats["sum"].as_f64().unwrap(),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let expected = BTreeMap::from([
+        ("January-9001".to_string(), (1, 1e308)),
+        ("February-9001".to_string(), (1, f64::MAX)),
+        ("March-9001".to_string(), (1, -f64::MAX)),
+        ("April-9001".to_string(), (1, 5e-324)),
+        ("January-9002".to_string(), (1, 1e300)),
+    ]);
+    assert_eq!(found, expected);
+    let stderr = consumer.stderr_text();
+    assert!(
+        stderr.contains("would take the sum of its month/year"),
+        "{stderr}"
+    );
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("month.svg is XML");
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    assert!(
+        texts.contains(&"1.798e308") && texts.contains(&"-1.798e308"),
+        "{texts:?}"
+    );
+    for text in &texts {
+        assert!(
+            !["NaN", "inf", "-inf", "n/a"].contains(&text.trim()),
+            "{texts:?}"
+        );
+    }
+    // `consumer verify` recounts by the same rule.
+    let out = broker.verify_cmd(&topic, files.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+}
+
 #[test]
 fn imports_an_assignment_format_file_when_there_is_no_state() {
     let broker = Broker::start();

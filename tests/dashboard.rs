@@ -43,8 +43,16 @@ fn files_folder() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let p0: Aggregates = [stats(1, 1990, 31, 599.0), stats(1, 1991, 31, 178.0)].into();
     let p2: Aggregates = [stats(3, 1990, 31, 1240.0)].into();
-    publish(dir.path(), "partition-0.json", &partition_json(0, 62, &p0));
-    publish(dir.path(), "partition-2.json", &partition_json(2, 31, &p2));
+    publish(
+        dir.path(),
+        "partition-0.json",
+        &partition_json(0, 62, &p0).unwrap(),
+    );
+    publish(
+        dir.path(),
+        "partition-2.json",
+        &partition_json(2, 31, &p2).unwrap(),
+    );
     publish(dir.path(), "partition-3.json", "{\"partition\": 3, \"offs");
     publish(
         dir.path(),
@@ -356,7 +364,7 @@ fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading_over_https
     publish(
         files.path(),
         "partition-0.json",
-        &partition_json(0, 90, &p0),
+        &partition_json(0, 90, &p0).unwrap(),
     );
     browser.wait_for_text("[data-cell='January-1990']", "20.00");
     browser.wait_for_text("[data-offset='0']", "90");
@@ -366,6 +374,32 @@ fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading_over_https
         browser.script("return window.__sameLoad || 'reloaded';"),
         json!("yes")
     );
+
+    // Numbers at the edges of f64, from another writer that left `avg`
+    // null: shown, never as NaN, and the page goes on updating.
+    publish(
+        files.path(),
+        "partition-1.json",
+        r#"{"partition": 1, "offset": 5, "February": {"9001": {"count": 1, "sum": 1.7976931348623157e308, "avg": null, "start": "9001-02-01", "end": "9001-02-01"}}, "March": {"9001": {"count": 1, "sum": -1.7976931348623157e308, "avg": null, "start": "9001-03-01", "end": "9001-03-01"}, "9002": {"count": 1, "sum": 5e-324, "avg": null, "start": "9002-03-01", "end": "9002-03-01"}}}"#,
+    );
+    browser.wait_for_text("[data-cell='February-9001']", "1.798e+308");
+    browser.wait_for_text("[data-cell='March-9001']", "-1.798e+308");
+    browser.wait_for_text("[data-cell='March-9002']", "4.941e-324");
+    let page = browser.script(
+        "return document.body.innerText + document.getElementById('lines').innerHTML \
+         + [...document.querySelectorAll('[data-cell]')].map(e => e.getAttribute('style')).join();",
+    );
+    let page = page.as_str().unwrap();
+    assert!(
+        !page.contains("NaN") && !page.contains("Infinity"),
+        "{page}"
+    );
+    publish(
+        files.path(),
+        "partition-0.json",
+        &partition_json(0, 91, &p0).unwrap(),
+    );
+    browser.wait_for_text("[data-offset='0']", "91");
 
     // The README's screenshot (docs/dashboard.png), when asked for.
     if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {

@@ -25,7 +25,7 @@ fn stats(year: i32, month: u32, avg: f64) -> (MonthYear, MonthStats) {
 
 fn write_partition(files: &Path, partition: i32, entries: &[(MonthYear, MonthStats)]) {
     let aggregates: Aggregates = entries.iter().copied().collect();
-    let text = partition_json(partition, 42, &aggregates);
+    let text = partition_json(partition, 42, &aggregates).unwrap();
     std::fs::write(files.join(format!("partition-{partition}.json")), text).unwrap();
 }
 
@@ -265,4 +265,163 @@ fn export_and_inspect_state_agree_with_the_published_files() {
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("partition 9 has no state"));
     }
+}
+
+/// A partition file from another writer, with `sum` as given (serde_json
+/// writes a non-finite f64 as `null`, Python's json as `NaN` or
+/// `Infinity`).
+fn foreign_file(sum: &str) -> String {
+    format!(
+        "{{\n  \"partition\": 0,\n  \"offset\": 3,\n  \"January\": {{\n    \"9001\": {{\n      \
+         \"count\": 2,\n      \"sum\": {sum},\n      \"avg\": {sum},\n      \
+         \"start\": \"9001-01-01\",\n      \"end\": \"9001-01-02\"\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// What each foreign value is refused as: the field, or the line holding it.
+const FOREIGN_SUMS: [(&str, &str); 5] = [
+    ("null", "\"January\".\"9001\".\"sum\" is null"),
+    ("NaN", "`\"sum\": NaN,`"),
+    ("Infinity", "`\"sum\": Infinity,`"),
+    ("-Infinity", "`\"sum\": -Infinity,`"),
+    ("1e400", "`\"sum\": 1e400,`"),
+];
+
+/// The largest finite numbers and a subnormal: valid, and drawn.
+fn extreme_partition() -> Vec<(MonthYear, MonthStats)> {
+    let day = |month| NaiveDate::from_ymd_opt(9001, month, 1).unwrap();
+    [(2, f64::MAX), (3, -f64::MAX), (4, 5e-324)]
+        .into_iter()
+        .map(|(month, sum)| {
+            (
+                MonthYear { month, year: 9001 },
+                MonthStats {
+                    count: 1,
+                    sum,
+                    start: day(month),
+                    end: day(month),
+                },
+            )
+        })
+        .collect()
+}
+
+fn lines_naming<'a>(stderr: &'a str, what: &str) -> Vec<&'a str> {
+    stderr.lines().filter(|l| l.contains(what)).collect()
+}
+
+#[test]
+fn plot_and_export_skip_a_foreign_non_finite_number_naming_file_and_field() {
+    let files = tempfile::tempdir().unwrap();
+    write_partition(files.path(), 1, &extreme_partition());
+    // The state of partition 1, as a consumer would have committed it.
+    let state_dir = files.path().join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let mut state = weatherstream::state::PartitionState::open(&state_dir, 1).unwrap();
+    state
+        .initialize(3, extreme_partition().into_iter().collect(), 0)
+        .unwrap();
+    drop(state);
+    for (sum, says) in FOREIGN_SUMS {
+        std::fs::write(files.path().join("partition-0.json"), foreign_file(sum)).unwrap();
+        let out = plot(files.path());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{sum}: {stderr}");
+        let named = lines_naming(&stderr, "partition-0.json");
+        assert_eq!(named.len(), 1, "{sum}: {stderr}");
+        assert!(named[0].contains(says), "{sum}: {}", named[0]);
+        let chart = read_chart(files.path());
+        for text in ["February-9001", "1.798e308", "-1.798e308"] {
+            assert!(
+                chart.texts.iter().any(|t| t == text),
+                "{sum}: {:?}",
+                chart.texts
+            );
+        }
+
+        let out = consumer_cmd(files.path(), &["export", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{sum}: {stderr}");
+        let named = lines_naming(&stderr, "partition-0.json");
+        assert_eq!(named.len(), 1, "{sum}: {stderr}");
+        assert!(named[0].contains(says), "{sum}: {}", named[0]);
+        let text = std::fs::read_to_string(files.path().join("partition-1.json")).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["February"]["9001"]["sum"].as_f64(), Some(f64::MAX));
+        assert_eq!(value["April"]["9001"]["avg"].as_f64(), Some(5e-324));
+    }
+    let out = consumer_cmd(files.path(), &["inspect-state", "1", "--json"]);
+    assert!(out.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown[0]["months"][0]["sum"].as_f64(), Some(f64::MAX));
+}
+
+#[test]
+fn import_adoption_and_verify_refuse_a_foreign_non_finite_number_naming_file_and_field() {
+    let broker = Broker::start();
+    let topic = unique_topic("foreign");
+    let admin = weatherstream::kafka::TopicAdmin::connect(
+        &weatherstream::kafka::ClientSettings::plaintext(&broker.bootstrap),
+    )
+    .unwrap();
+    admin.recreate_topic(&topic, 4, 1).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    for (sum, says) in FOREIGN_SUMS {
+        let path = files.path().join("partition-0.json");
+        std::fs::write(&path, foreign_file(sum)).unwrap();
+        let out = broker
+            .verify_cmd(&topic, files.path())
+            .arg("0")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{sum}: {stdout}");
+        let named = lines_naming(&stdout, "partition-0.json");
+        assert_eq!(named.len(), 1, "{sum}: {stdout}");
+        assert!(named[0].contains(says), "{sum}: {}", named[0]);
+
+        // Import: no state, a file that does not parse: one line, exit 1,
+        // the file left as it was.
+        let mut cmd = broker.consumer_cmd(&topic);
+        cmd.arg("--quiet").arg("--files").arg(files.path()).arg("0");
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{sum}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{sum}: {stderr}");
+        assert!(
+            errors[0].contains("partition-0.json") && errors[0].contains(says),
+            "{sum}: {}",
+            errors[0]
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), foreign_file(sum));
+    }
+
+    // Adoption: a state, and a file that does not parse beside it: one
+    // warning naming the file and the field, and the state republished.
+    let state_dir = files.path().join("state");
+    let mut state = weatherstream::state::PartitionState::open(&state_dir, 1).unwrap();
+    state.initialize(0, Aggregates::new(), 0).unwrap();
+    drop(state);
+    let path = files.path().join("partition-1.json");
+    std::fs::write(
+        &path,
+        foreign_file("NaN").replace("\"partition\": 0", "\"partition\": 1"),
+    )
+    .unwrap();
+    let mut cmd = broker.consumer_cmd(&topic);
+    cmd.arg("--quiet").arg("--files").arg(files.path()).arg("1");
+    let mut consumer = Running::spawn(cmd);
+    wait_until("the state republished", Duration::from_secs(60), || {
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| weatherstream::published::parse_partition_json(&text).ok())
+            .is_some_and(|p| p.offset == 0)
+    });
+    assert!(consumer.terminate().success());
+    let stderr = consumer.stderr_text();
+    let named = lines_naming(&stderr, "partition-1.json");
+    assert_eq!(named.len(), 1, "{stderr}");
+    assert!(named[0].contains("`\"sum\": NaN,`"), "{}", named[0]);
 }

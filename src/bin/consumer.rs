@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
 use weatherstream::kafka::PartitionId;
 use weatherstream::recount::{self, VerifyConfig};
-use weatherstream::{cli, shutdown::Shutdown, tools};
+use weatherstream::{cli, tools};
 
 /// Keeps exactly-once month/year statistics of the given partitions and
 /// publishes them as partition-N.json (and month.svg) in the files folder.
@@ -96,6 +96,8 @@ struct RunArgs {
     metrics_addr: Option<String>,
     #[command(flatten)]
     web: cli::WebArgs,
+    #[command(flatten)]
+    stop: cli::StopArgs,
     /// No progress lines
     #[arg(long)]
     quiet: bool,
@@ -228,6 +230,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.quiet {
         config.progress_interval = None;
     }
-    let shutdown = Shutdown::install()?;
+    let shutdown = args.stop.install("consumer")?;
     consumer::run(&config, &shutdown)
 }

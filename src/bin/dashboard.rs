@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use weatherstream::cli;
 use weatherstream::dashboard::{self, DashboardConfig};
-use weatherstream::{cli, shutdown::Shutdown};
 
 /// Serves the live dashboard of the files folder: month.svg, every
 /// partition's offset and freshness, a month x year table and a chart of
@@ -12,6 +12,8 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    stop: cli::StopArgs,
     /// Folder of partition-N.json and month.svg
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,
@@ -35,7 +37,9 @@ fn main() -> ExitCode {
         listen: args.listen,
         web: args.web.load(),
     };
-    let result = Shutdown::install()
+    let result = args
+        .stop
+        .install("dashboard")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| dashboard::run(&config, &shutdown));
     cli::finish("dashboard", result)

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use weatherstream::cli;
 use weatherstream::debug::{self, DebugConfig};
-use weatherstream::{cli, shutdown::Shutdown};
 
 /// Prints every new message of the topic as a Python-style dict, one per line.
 ///
@@ -12,6 +12,8 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    stop: cli::StopArgs,
     #[command(flatten)]
     connection: cli::Connection,
     /// Consumer group; over group.id of --client-config and -X [default: debug]
@@ -33,7 +35,9 @@ fn main() -> ExitCode {
         group,
         from_beginning: args.from_beginning,
     };
-    let result = Shutdown::install()
+    let result = args
+        .stop
+        .install("debug")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| debug::run(&config, &shutdown, &mut std::io::stdout().lock()));
     cli::finish("debug", result)

@@ -3,8 +3,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use weatherstream::cli;
 use weatherstream::demo::{self, DemoConfig};
-use weatherstream::{cli, shutdown::Shutdown};
 
 /// The whole pipeline in one process: an embedded in-memory Kafka broker,
 /// the producer, consumers for all 4 partitions and the exporter, writing
@@ -13,6 +13,8 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    stop: cli::StopArgs,
     /// Use this Kafka instead of the embedded broker: --bootstrap-servers
     /// (or KAFKA_BOOTSTRAP_SERVERS, or bootstrap.servers of
     /// --client-config or -X) names it
@@ -63,7 +65,9 @@ fn main() -> ExitCode {
         dashboard: args.dashboard,
         web: args.web.load(),
     };
-    let result = Shutdown::install()
+    let result = args
+        .stop
+        .install("demo")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| demo::run(&config, &shutdown));
     cli::finish("demo", result)

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use weatherstream::cli;
 use weatherstream::producer::{self, Compression, ProducerConfig, TopicStart};
-use weatherstream::{cli, shutdown::Shutdown};
 
 /// Generates daily weather reports and writes them to a Kafka topic.
 ///
@@ -15,6 +15,8 @@ use weatherstream::{cli, shutdown::Shutdown};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    stop: cli::StopArgs,
     #[command(flatten)]
     connection: cli::Connection,
     /// Keep the topic and resume the stream after the days it holds: no day
@@ -71,7 +73,9 @@ fn main() -> ExitCode {
         },
         print_topics: true,
     };
-    let result = Shutdown::install()
+    let result = args
+        .stop
+        .install("producer")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| producer::run(&config, &shutdown).map(|_| ()));
     cli::finish("producer", result)

@@ -216,9 +216,7 @@ impl SharedClient {
         let stop = Arc::new(AtomicBool::new(false));
         let poller = {
             let (consumer, stop) = (consumer.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("kafka-shared".into())
-                .spawn(move || serve_own_queue(&consumer, &stop))
+            crate::shutdown::spawn("kafka-shared", move || serve_own_queue(&consumer, &stop))
                 .context("starting the shared client's thread")?
         };
         Ok(Arc::new(SharedClient {

@@ -131,13 +131,11 @@ impl GroupCommitter {
         let (end, ended) = crossbeam_channel::bounded::<()>(0);
         let thread = {
             let (offsets, stop, topic) = (offsets.clone(), stop.clone(), topic.to_string());
-            std::thread::Builder::new()
-                .name("group-offsets".into())
-                .spawn(move || {
-                    commit_loop(&client, &offsets, &woken, &stop, &topic);
-                    drop(end);
-                })
-                .context("starting the group offsets thread")?
+            crate::shutdown::spawn("group-offsets", move || {
+                commit_loop(&client, &offsets, &woken, &stop, &topic);
+                drop(end);
+            })
+            .context("starting the group offsets thread")?
         };
         Ok(GroupCommitter {
             offsets,

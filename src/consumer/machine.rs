@@ -30,7 +30,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{BatchFold, MonthYear};
+use crate::aggregate::{BatchFold, MonthYear, Outcome};
 use crate::kafka::Offset;
 use crate::report::{Malformed, Validator};
 use crate::state::{BatchCommit, Fingerprint, Snapshot};
@@ -847,8 +847,13 @@ impl<R: Record> BatchReader<'_, R> {
                         Some(offset),
                     )));
                 }
-                self.fold.add(&valid);
-                Flow::Continue
+                match self.fold.add(&valid) {
+                    Outcome::Unrepresentable(why) => {
+                        self.malformed += 1;
+                        Flow::Malformed(Malformed::Unrepresentable(why))
+                    }
+                    Outcome::Counted | Outcome::Duplicate => Flow::Continue,
+                }
             }
             Err(reason) => {
                 self.malformed += 1;
@@ -1263,6 +1268,36 @@ mod tests {
             (commit.counted, commit.malformed, commit.next_offset),
             (2, 2, 4)
         );
+    }
+
+    #[test]
+    fn reports_that_would_make_a_statistic_infinite_are_skipped_as_malformed() {
+        let mut harness = Harness::at(0);
+        let mut batch = harness.machine.batch();
+        assert_eq!(batch.offer(report(0, 1, 1e308)), Flow::Continue);
+        assert!(matches!(
+            batch.offer(report(1, 2, 1e308)),
+            Flow::Malformed(Malformed::Unrepresentable(
+                crate::aggregate::Unrepresentable::SumOverflow { .. }
+            ))
+        ));
+        assert!(matches!(
+            batch.offer(report(2, 3, f64::INFINITY)),
+            Flow::Malformed(Malformed::NonFinite(_))
+        ));
+        // Day 2 was not counted: it is no duplicate now.
+        assert_eq!(batch.offer(report(3, 2, -1e308)), Flow::Continue);
+        let (commit, _) = batch.finish();
+        let commit = commit.unwrap();
+        assert_eq!(
+            (commit.counted, commit.malformed, commit.next_offset),
+            (2, 2, 4)
+        );
+        let january = commit.touched[&MonthYear {
+            month: 1,
+            year: 1990,
+        }];
+        assert_eq!((january.count, january.sum), (2, 0.0));
     }
 
     #[test]

@@ -406,10 +406,23 @@ fn adopt_newer_file(
     let snapshot = state.snapshot();
     let partition = snapshot.partition;
     let path = partition_file(&config.files_dir, partition);
-    let Some(published) = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|text| published::parse_partition_json(&text).ok())
-        .filter(|p| p.partition == partition && p.offset > snapshot.next_offset)
+    let parsed = match std::fs::read_to_string(&path) {
+        Ok(text) => match published::parse_partition_json(&text) {
+            Ok(parsed) => Some(parsed),
+            Err(reason) => {
+                // The state decides; the file is rewritten at the next publish.
+                log::warn!(
+                    "partition {partition}: {} is not a valid partition file ({reason}); \
+                     resuming from the state, which replaces it at the next publish",
+                    path.display()
+                );
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let Some(published) =
+        parsed.filter(|p| p.partition == partition && p.offset > snapshot.next_offset)
     else {
         log::info!(
             "partition {partition}: resuming from the state (offset {})",
@@ -496,6 +509,16 @@ fn reconcile_at_start(
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     if state.is_initialized() {
+        // Only a build before the fold kept every statistic finite wrote
+        // such a state; publishing it would fail at every attempt.
+        if let Some(field) = published::first_non_finite(&state.snapshot().aggregates) {
+            bail!(
+                "partition {}: the state {} holds a statistic that is not a finite number ({field}); \
+                 move that folder away to count the partition again from the topic",
+                state.snapshot().partition,
+                state.path().display()
+            );
+        }
         return adopt_newer_file(config, state, probe_context, shutdown);
     }
     let partition = state.snapshot().partition;
@@ -663,9 +686,7 @@ impl WorkerHandle {
         metrics: PartitionMetrics,
     ) -> anyhow::Result<Self> {
         let partition = progress.partition;
-        let thread = std::thread::Builder::new()
-            .name(format!("partition-{partition}"))
-            .spawn(move || worker.run())
+        let thread = crate::shutdown::spawn(format!("partition-{partition}"), move || worker.run())
             .context("starting a partition worker")?;
         Ok(WorkerHandle {
             partition,

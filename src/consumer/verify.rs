@@ -297,19 +297,17 @@ impl Verifier {
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
         let shutdown = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("verify-{partition}"))
-            .spawn(move || {
-                for request in inbox {
-                    if outbox
-                        .send(check_records(&probe, &request, &shutdown))
-                        .is_err()
-                    {
-                        break;
-                    }
+        let thread = crate::shutdown::spawn(format!("verify-{partition}"), move || {
+            for request in inbox {
+                if outbox
+                    .send(check_records(&probe, &request, &shutdown))
+                    .is_err()
+                {
+                    break;
                 }
-            })
-            .context("starting a verifier thread")?;
+            }
+        })
+        .context("starting a verifier thread")?;
         Ok(Verifier {
             requests: Some(requests),
             answers,
