@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use chrono::{Datelike, NaiveDate};
 
+pub use crate::report::Unrepresentable;
 use crate::report::ValidReport;
 
 /// A month of a year. Orders by month first, then year: the order of the
@@ -64,15 +65,6 @@ pub enum Outcome {
     /// Refused: counting it would make a statistic of its month/year
     /// infinite or NaN (see the module comment).
     Unrepresentable(Unrepresentable),
-}
-
-/// A report that cannot be counted without destroying a statistic.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-pub enum Unrepresentable {
-    #[error("degrees {0} is not a finite number")]
-    NonFinite(f64),
-    #[error("degrees {degrees:e} would take the sum of its month/year ({sum:e}) past the largest finite number")]
-    SumOverflow { degrees: f64, sum: f64 },
 }
 
 /// What [`fold`] makes of one report.

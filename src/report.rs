@@ -127,6 +127,16 @@ pub(crate) fn parse_date(text: &str) -> Option<NaiveDate> {
     NaiveDate::from_ymd_opt(year, number(&b[5..7])?, number(&b[8..10])?)
 }
 
+/// A report that cannot be counted without destroying a statistic: the
+/// fold's verdict ([`crate::aggregate::fold`]), after the duplicate rule.
+#[derive(Debug, Clone, Copy, PartialEq, Error)]
+pub enum Unrepresentable {
+    #[error("degrees {0} is not a finite number")]
+    NonFinite(f64),
+    #[error("degrees {degrees:e} would take the sum of its month/year ({sum:e}) past the largest finite number")]
+    SumOverflow { degrees: f64, sum: f64 },
+}
+
 /// A message that passed every check.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ValidReport {
@@ -150,7 +160,7 @@ pub enum Malformed {
     /// Finite, but counting it would make a statistic of its month/year
     /// infinite: decided by the fold, after the duplicate rule.
     #[error(transparent)]
-    Unrepresentable(#[from] crate::aggregate::Unrepresentable),
+    Unrepresentable(#[from] Unrepresentable),
 }
 
 /// Decodes a value into a protobuf `Report` without further checks (for
