@@ -115,9 +115,59 @@ impl Committed {
     }
 }
 
+/// What the exporter is sent.
+enum Export {
+    Committed(Committed),
+    /// The partition stops in this process: publish this, its last
+    /// snapshot, now, forget the partition (from then on the chart reads
+    /// its file), and answer.
+    Release {
+        snapshot: Arc<Snapshot>,
+        done: Sender<Result<(), String>>,
+    },
+}
+
+/// A worker's way to the exporter; the exporter ends when all are dropped.
+#[derive(Clone)]
+pub(crate) struct ToExporter(Sender<Export>);
+
+/// The exporter has stopped (its thread ended).
+#[derive(Debug, thiserror::Error)]
+#[error("the exporter stopped")]
+pub(crate) struct ExporterStopped;
+
+impl ToExporter {
+    /// Hands a committed snapshot over; it is published when due.
+    pub(crate) fn publish(&self, committed: Committed) -> Result<(), ExporterStopped> {
+        self.0
+            .send(Export::Committed(committed))
+            .map_err(|_| ExporterStopped)
+    }
+
+    /// Publishes `snapshot`, a stopping partition's last, and waits until
+    /// it is written (or was already, or something newer was), at most
+    /// `timeout`; the exporter then forgets the partition.
+    pub(crate) fn release(&self, snapshot: Arc<Snapshot>, timeout: Duration) -> anyhow::Result<()> {
+        let partition = snapshot.partition;
+        let (done, answer) = crossbeam_channel::bounded(1);
+        self.0
+            .send(Export::Release { snapshot, done })
+            .map_err(|_| ExporterStopped)?;
+        match answer.recv_timeout(timeout) {
+            Ok(result) => result.map_err(|reason| {
+                anyhow::anyhow!("partition {partition}: the last publish failed: {reason}")
+            }),
+            Err(RecvTimeoutError::Timeout) => Err(anyhow::anyhow!(
+                "partition {partition}: the last publish did not end within {timeout:?}"
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(ExporterStopped.into()),
+        }
+    }
+}
+
 /// The exporter thread and the sending side of its channel.
 pub struct Exporter {
-    sender: Option<Sender<Committed>>,
+    sender: Option<ToExporter>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -142,13 +192,13 @@ impl Exporter {
         let (sender, receiver) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let thread = crate::shutdown::spawn("exporter", move || export.run(receiver))?;
         Ok(Exporter {
-            sender: Some(sender),
+            sender: Some(ToExporter(sender)),
             thread: Some(thread),
         })
     }
 
     /// A sender for one worker; the exporter ends when all are dropped.
-    pub fn sender(&self) -> Sender<Committed> {
+    pub(crate) fn sender(&self) -> ToExporter {
         self.sender.clone().expect("sender is kept until finish")
     }
 
@@ -217,7 +267,7 @@ impl ExportLoop {
         }
     }
 
-    fn run(mut self, receiver: Receiver<Committed>) {
+    fn run(mut self, receiver: Receiver<Export>) {
         loop {
             let wait = self.next_wakeup();
             let first = match wait {
@@ -225,18 +275,48 @@ impl ExportLoop {
                 Some(timeout) => receiver.recv_timeout(timeout),
             };
             match first {
-                Ok(committed) => self.accept(committed),
+                Ok(message) => self.take(message),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            while let Ok(committed) = receiver.try_recv() {
-                self.accept(committed);
+            while let Ok(message) = receiver.try_recv() {
+                self.take(message);
             }
             self.publish_due(false);
             self.maybe_render_chart(false);
         }
         self.publish_due(true);
         self.maybe_render_chart(true);
+    }
+
+    fn take(&mut self, message: Export) {
+        match message {
+            Export::Committed(committed) => self.accept(committed),
+            Export::Release { snapshot, done } => {
+                // The caller may have given up waiting: nothing to tell then.
+                let _ = done.send(self.release(snapshot));
+            }
+        }
+    }
+
+    /// Publishes a stopping partition's last snapshot now and forgets the
+    /// partition. A snapshot that cannot be written is dropped, not
+    /// retried: the partition is no longer this process's to publish.
+    fn release(&mut self, snapshot: Arc<Snapshot>) -> Result<(), String> {
+        let partition = snapshot.partition;
+        self.accept(Committed::current(snapshot));
+        let result = match self.pending.remove(&partition) {
+            Some((snapshot, _)) => self.write(partition, &snapshot),
+            // Already published, or something newer was.
+            None => Ok(()),
+        };
+        self.published.remove(&partition);
+        self.last_publish.remove(&partition);
+        self.proofs.remove(&partition);
+        if self.chart_inputs.remove(&partition).is_some() {
+            self.chart_due = true;
+        }
+        result.map_err(|e| e.to_string())
     }
 
     fn next_wakeup(&self) -> Option<Duration> {
@@ -291,62 +371,63 @@ impl ExportLoop {
             let Some((snapshot, _)) = self.pending.remove(&partition) else {
                 continue;
             };
-            let started = Instant::now();
-            let cpu_started = thread_cpu_time();
-            let proved = match &self.state_dir {
-                Some(state_dir) => proof::record(
-                    state_dir,
-                    partition,
-                    self.proofs.entry(partition).or_default(),
-                    Proof::of(&snapshot),
-                ),
-                None => Ok(()),
-            };
-            match proved.and_then(|()| publish(&self.files_dir, &snapshot)) {
-                Ok(()) => {
-                    let took = started.elapsed();
-                    let cpu = thread_cpu_time()
-                        .zip(cpu_started)
-                        .map_or(took, |(end, start)| end.saturating_sub(start));
-                    let cpu_average = self
-                        .last_publish
-                        .get(&partition)
-                        .map_or(cpu, |last| (last.cpu_average * 7 + cpu) / 8);
-                    self.published
-                        .insert(partition, (snapshot.epoch, snapshot.next_offset));
-                    self.last_publish.insert(
-                        partition,
-                        LastPublish {
-                            ended: Instant::now(),
-                            took,
-                            cpu_average,
-                        },
+            if let Err(error) = self.write(partition, &snapshot) {
+                if let Some(suppressed) = self.write_errors.allow(Instant::now()) {
+                    log::error!(
+                        "cannot write {}: {error}; state is kept, retrying{}",
+                        partition_file(&self.files_dir, partition).display(),
+                        suppressed_note(suppressed)
                     );
-                    if let Some(metrics) = &self.metrics {
-                        self.partition_metrics
-                            .entry(partition)
-                            .or_insert_with(|| metrics.partition(partition))
-                            .published(took);
-                    }
-                    if self.render_chart {
-                        self.chart_inputs
-                            .insert(partition, chart_input(&snapshot.aggregates));
-                        self.chart_due = true;
-                    }
                 }
-                Err(error) => {
-                    if let Some(suppressed) = self.write_errors.allow(Instant::now()) {
-                        log::error!(
-                            "cannot write {}: {error}; state is kept, retrying{}",
-                            partition_file(&self.files_dir, partition).display(),
-                            suppressed_note(suppressed)
-                        );
-                    }
-                    self.pending
-                        .insert(partition, (snapshot, Instant::now() + RETRY_INTERVAL));
-                }
+                self.pending
+                    .insert(partition, (snapshot, Instant::now() + RETRY_INTERVAL));
             }
         }
+    }
+
+    /// Writes one snapshot (its proof first) and notes what it cost.
+    fn write(&mut self, partition: PartitionId, snapshot: &Snapshot) -> std::io::Result<()> {
+        let started = Instant::now();
+        let cpu_started = thread_cpu_time();
+        if let Some(state_dir) = &self.state_dir {
+            proof::record(
+                state_dir,
+                partition,
+                self.proofs.entry(partition).or_default(),
+                Proof::of(snapshot),
+            )?;
+        }
+        publish(&self.files_dir, snapshot)?;
+        let took = started.elapsed();
+        let cpu = thread_cpu_time()
+            .zip(cpu_started)
+            .map_or(took, |(end, start)| end.saturating_sub(start));
+        let cpu_average = self
+            .last_publish
+            .get(&partition)
+            .map_or(cpu, |last| (last.cpu_average * 7 + cpu) / 8);
+        self.published
+            .insert(partition, (snapshot.epoch, snapshot.next_offset));
+        self.last_publish.insert(
+            partition,
+            LastPublish {
+                ended: Instant::now(),
+                took,
+                cpu_average,
+            },
+        );
+        if let Some(metrics) = &self.metrics {
+            self.partition_metrics
+                .entry(partition)
+                .or_insert_with(|| metrics.partition(partition))
+                .published(took);
+        }
+        if self.render_chart {
+            self.chart_inputs
+                .insert(partition, chart_input(&snapshot.aggregates));
+            self.chart_due = true;
+        }
+        Ok(())
     }
 
     fn maybe_render_chart(&mut self, force: bool) {
@@ -536,7 +617,7 @@ mod tests {
         let exporter = Exporter::start(export).unwrap();
         exporter
             .sender()
-            .send(Committed::current(empty_snapshot(0, 0, 1)))
+            .publish(Committed::current(empty_snapshot(0, 0, 1)))
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !DRAWING.load(std::sync::atomic::Ordering::SeqCst) {

@@ -25,16 +25,35 @@ const WAKE_INTERVAL: Duration = Duration::from_millis(20);
 /// The exit status when the deadline passed with threads still running.
 const DEADLINE_EXIT_STATUS: i32 = 1;
 
-/// A cloneable stop flag.
+/// A cloneable stop flag; a [`Shutdown::child`] also stops when its parent
+/// does.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     flag: Arc<AtomicBool>,
+    /// The parents' flags: requested when any of them is.
+    parents: Arc<[Arc<AtomicBool>]>,
 }
 
 impl Shutdown {
     /// A flag that only [`Shutdown::request`] sets (tests, embedded use).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A flag of its own (one partition's stop) that is also requested
+    /// whenever this one is (the process's stop); requesting it leaves
+    /// this one alone.
+    pub fn child(&self) -> Self {
+        let parents: Vec<Arc<AtomicBool>> = self
+            .parents
+            .iter()
+            .cloned()
+            .chain([self.flag.clone()])
+            .collect();
+        Shutdown {
+            flag: Arc::default(),
+            parents: parents.into(),
+        }
     }
 
     /// A flag set by SIGINT or SIGTERM; a second signal exits with 130,
@@ -67,7 +86,7 @@ impl Shutdown {
     }
 
     pub fn requested(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
+        self.flag.load(Ordering::SeqCst) || self.parents.iter().any(|p| p.load(Ordering::SeqCst))
     }
 
     /// Waits up to `duration`, waking early on shutdown; true if requested.
@@ -172,6 +191,18 @@ mod tests {
         drop(tx);
         assert!(!waiting.join().unwrap());
         assert!(!running().contains(&"listed-waiting".to_string()));
+    }
+
+    #[test]
+    fn a_child_stops_with_its_parent_and_alone() {
+        let process = Shutdown::new();
+        let (one, two) = (process.child(), process.child());
+        let grandchild = one.child();
+        one.request();
+        assert!(one.requested() && grandchild.requested());
+        assert!(!process.requested() && !two.requested());
+        process.request();
+        assert!(two.requested());
     }
 
     #[test]

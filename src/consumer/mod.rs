@@ -24,34 +24,27 @@
 mod clients;
 mod group_offsets;
 mod machine;
+mod partition;
 mod stall;
 mod verify;
 mod worker;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
-use crate::aggregate::Aggregates;
 use crate::atomic_file;
 use crate::broker_link::BrokerLink;
-use crate::exporter::{Committed, Exporter};
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
-use crate::metrics::{Metrics, PartitionMetrics};
-use crate::proof;
-use crate::published::{self, partition_file};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::state::{self, PartitionState, Snapshot, StateError};
+use crate::state::Snapshot;
 use crate::web::WebConfig;
-use clients::{Observed, SharedClient};
-use group_offsets::GroupCommitter;
-use machine::{CheckOutcome, CheckRequest};
+use partition::{Claimed, PartitionRun, Pipeline};
 use stall::{StallNews, StallWatch};
-use worker::{PartitionWorker, WorkerSetup};
 
 /// How often the supervisor looks at its workers and the progress clock.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
@@ -69,6 +62,10 @@ const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(5);
 /// this: give them a few milliseconds (the tests and the bench pass 15 for
 /// tansu; the demo's embedded broker uses 5).
 pub const DEFAULT_FETCH_WAIT_MS: u64 = 500;
+/// Longest a stopping partition waits for its last publish: a write that
+/// fails is told at once, so this is only reached by an exporter that
+/// hangs (and the shutdown deadline ends the process then anyway).
+const STOP_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Progress lines, by default.
 const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -222,9 +219,9 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     atomic_file::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state folder {}", config.state_dir.display()))?;
     // Claim every partition first: a second process fails before touching anything.
-    let mut states = Vec::new();
+    let mut claimed = Vec::new();
     for &partition in &config.partitions {
-        states.push(open_or_move_aside(&config.state_dir, partition)?);
+        claimed.push(Claimed::open(&config.state_dir, partition)?);
     }
     if let Err(e) = atomic_file::create_dir_all(&config.files_dir) {
         log::error!(
@@ -257,77 +254,28 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         );
     }
 
-    let exporter = Exporter::spawn(
-        config.files_dir.clone(),
-        Some(config.state_dir.clone()),
-        config.render_chart,
-        Some(metrics.clone()),
-    )
-    .context("starting the exporter thread")?;
-    // One view of the brokers for the whole process: an outage is one
-    // warning, not one per partition.
-    let link = Arc::new(BrokerLink::new(
-        "the partitions wait, keeping their committed state",
-    ));
-    let shared = SharedClient::start(
-        config,
-        Observed::new(link.clone(), metrics.fetch_requests("shared")),
-    )?;
-    let group = if config.commit_group_offsets {
-        Some(GroupCommitter::start(
-            &config.client,
-            &config.group_id,
-            &config.topic,
-        )?)
-    } else {
-        None
-    };
-    let mut workers = Vec::new();
-    for mut state in states {
-        let partition = state.snapshot().partition;
-        let probe_context = Observed::new(
-            link.clone(),
-            metrics.fetch_requests(&format!("verify-{partition}")),
-        );
-        reconcile_at_start(config, &mut state, probe_context, shutdown)?;
-        let snapshot = state.snapshot();
-        if let Some(group) = &group {
-            group.offsets().committed(partition, snapshot.next_offset);
+    let pipeline = Pipeline::start(config, metrics, shutdown)?;
+    let mut runs = Vec::new();
+    let mut first_error = None;
+    for claimed in claimed {
+        match pipeline.run(claimed) {
+            Ok(run) => runs.push(run),
+            Err(e) => {
+                first_error = Some(e);
+                break;
+            }
         }
-        let progress = Arc::new(Progress::new(&snapshot));
-        exporter
-            .sender()
-            .send(Committed::current(snapshot))
-            .map_err(|_| anyhow!("exporter stopped"))?;
-        let partition_metrics = metrics.partition(partition);
-        let worker = PartitionWorker::new(
-            state,
-            WorkerSetup {
-                config: config.clone(),
-                exporter: exporter.sender(),
-                progress: progress.clone(),
-                metrics: metrics.clone(),
-                shared: shared.clone(),
-                link: link.clone(),
-                group: group.as_ref().map(GroupCommitter::offsets),
-                shutdown: shutdown.clone(),
-            },
-        );
-        workers.push(WorkerHandle::spawn(worker, progress, partition_metrics)?);
     }
-
-    let result = supervise(config, &mut workers, &link, shutdown);
+    if first_error.is_none() {
+        first_error = supervise(config, &runs, pipeline.link(), shutdown).err();
+    }
     shutdown.request();
-    let mut first_error = result.err();
-    for worker in workers {
-        if let Err(e) = worker.join() {
+    for run in runs {
+        if let Err(e) = run.stop(STOP_PUBLISH_TIMEOUT) {
             first_error.get_or_insert(e);
         }
     }
-    if let Some(group) = group {
-        group.finish();
-    }
-    exporter.finish();
+    pipeline.finish();
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
@@ -355,220 +303,11 @@ fn wait_for_topic(
     }
 }
 
-/// Opens a partition's state; one that sled cannot open (damaged beyond
-/// its own recovery) is moved aside, with one warning, and the partition
-/// starts from its published file, as on a first start. The other
-/// partitions are not touched either way.
-fn open_or_move_aside(state_dir: &Path, partition: PartitionId) -> anyhow::Result<PartitionState> {
-    match PartitionState::open(state_dir, partition) {
-        Err(StateError::Unopenable { path, cause, .. }) => {
-            let aside = state::move_aside(state_dir, partition).with_context(|| {
-                format!(
-                    "partition {partition}: the state {} cannot be opened ({cause}), \
-                     and moving it aside failed; move it away by hand to start the partition \
-                     from its published file",
-                    path.display()
-                )
-            })?;
-            log::warn!(
-                "partition {partition}: the state {} cannot be opened ({cause}); \
-                 moved it to {} and starting from the published file",
-                path.display(),
-                aside.display()
-            );
-            Ok(PartitionState::open(state_dir, partition)?)
-        }
-        other => Ok(other?),
-    }
-}
-
-/// A published file ahead of its state (an old state folder restored, a
-/// damaged database that sled recovered to an older point or as empty) is
-/// a durable, consistent snapshot of statistics and offset: the state
-/// adopts it, so that the published offset never goes back. A state ahead
-/// of its file is the normal case (a crash between commit and publish) and
-/// stays.
-///
-/// Only with proof that the file belongs to the topic as it is now: a
-/// crash between a reset's commit and its publish leaves a state at offset
-/// 0 behind a file of the topic as it was before re-creation, whose
-/// statistics must not come back. The proof is the file's own, kept beside
-/// the state ([`proof`]): published before the state's reset (an older
-/// epoch), the file is never adopted; otherwise the topic must still hold
-/// the record it names (or, for a file without one, the state's last
-/// counted record) and the record before the file's offset.
-fn adopt_newer_file(
-    config: &ConsumerConfig,
-    state: &mut PartitionState,
-    probe_context: Observed,
-    shutdown: &Shutdown,
-) -> anyhow::Result<()> {
-    let snapshot = state.snapshot();
-    let partition = snapshot.partition;
-    let path = partition_file(&config.files_dir, partition);
-    let parsed = match std::fs::read_to_string(&path) {
-        Ok(text) => match published::parse_partition_json(&text) {
-            Ok(parsed) => Some(parsed),
-            Err(reason) => {
-                // The state decides; the file is rewritten at the next publish.
-                log::warn!(
-                    "partition {partition}: {} is not a valid partition file ({reason}); \
-                     resuming from the state, which replaces it at the next publish",
-                    path.display()
-                );
-                None
-            }
-        },
-        Err(_) => None,
-    };
-    let Some(published) =
-        parsed.filter(|p| p.partition == partition && p.offset > snapshot.next_offset)
-    else {
-        log::info!(
-            "partition {partition}: resuming from the state (offset {})",
-            snapshot.next_offset
-        );
-        return Ok(());
-    };
-    let (file_offset, state_offset) = (published.offset, snapshot.next_offset);
-    let proof = proof::find(&config.state_dir, partition, file_offset);
-    if let Some(proof) = proof.filter(|p| p.epoch < snapshot.epoch) {
-        log::warn!(
-            "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
-             but it was published before the state was reset for a re-created topic \
-             (epoch {} < {}): keeping the state",
-            path.display(),
-            proof.epoch,
-            snapshot.epoch
-        );
-        return Ok(());
-    }
-    let proven_record = proof.and_then(|p| p.record);
-    let Some(expected) = proven_record.or(snapshot.last_record) else {
-        log::warn!(
-            "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
-             and neither its proof nor the state names a record to show the topic is the same; keeping the state",
-            path.display()
-        );
-        return Ok(());
-    };
-    let probe = verify::RecordProbe::new(
-        &config.client,
-        &config.topic,
-        partition,
-        probe_context,
-        shutdown,
-    )?;
-    let questions = [
-        CheckRequest {
-            expected: vec![expected],
-            adopt_offset: expected.offset,
-            last_record: None,
-        },
-        CheckRequest {
-            expected: Vec::new(),
-            adopt_offset: file_offset - 1,
-            last_record: None,
-        },
-    ];
-    for question in &questions {
-        loop {
-            match verify::check_records(&probe, question, shutdown)? {
-                CheckOutcome::Current { .. } => break,
-                CheckOutcome::Gone { offset } => {
-                    log::warn!(
-                        "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
-                         but the record at offset {offset} is gone or different: keeping the state",
-                        path.display()
-                    );
-                    return Ok(());
-                }
-                CheckOutcome::Undecided => {
-                    if shutdown.wait(TOPIC_WAIT_INTERVAL) {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-    log::warn!(
-        "partition {partition}: the state (offset {state_offset}) is behind {} (offset {file_offset}): \
-         it was restored or recovered to an older point; adopting the published file",
-        path.display()
-    );
-    let epoch = proof.map_or(snapshot.epoch, |p| p.epoch.max(snapshot.epoch));
-    state.initialize_from(file_offset, published.aggregates, epoch, proven_record)?;
-    Ok(())
-}
-
-/// The assignment's start-up rules, with sled as the source of truth.
-fn reconcile_at_start(
-    config: &ConsumerConfig,
-    state: &mut PartitionState,
-    probe_context: Observed,
-    shutdown: &Shutdown,
-) -> anyhow::Result<()> {
-    if state.is_initialized() {
-        // Only a build before the fold kept every statistic finite wrote
-        // such a state; publishing it would fail at every attempt.
-        if let Some(field) = published::first_non_finite(&state.snapshot().aggregates) {
-            bail!(
-                "partition {}: the state {} holds a statistic that is not a finite number ({field}); \
-                 move that folder away to count the partition again from the topic",
-                state.snapshot().partition,
-                state.path().display()
-            );
-        }
-        return adopt_newer_file(config, state, probe_context, shutdown);
-    }
-    let partition = state.snapshot().partition;
-    let path = partition_file(&config.files_dir, partition);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let published = published::parse_partition_json(&text).map_err(|e| {
-                anyhow!(
-                    "{} is not a valid partition file ({e}); it was left untouched: \
-                     fix it, or move it away to start partition {partition} afresh",
-                    path.display()
-                )
-            })?;
-            if published.partition != partition {
-                bail!(
-                    "{} says it is partition {}, not {partition}; it was left untouched",
-                    path.display(),
-                    published.partition
-                );
-            }
-            log::info!(
-                "partition {partition}: imported {} (offset {}, {} month/years)",
-                path.display(),
-                published.offset,
-                published.aggregates.len()
-            );
-            // The file's proof, when there is one, names its last record:
-            // the re-creation checks then compare it with the topic as
-            // they would a state's own.
-            let proof = proof::find(&config.state_dir, partition, published.offset);
-            state.initialize_from(
-                published.offset,
-                published.aggregates,
-                proof.map_or(0, |p| p.epoch),
-                proof.and_then(|p| p.record),
-            )?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            state.initialize(0, Aggregates::new(), 0)?;
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    Ok(())
-}
-
 /// Watches the workers until one ends or shutdown: stalls (see
 /// [`stall`]) and the progress lines.
 fn supervise(
     config: &ConsumerConfig,
-    workers: &mut [WorkerHandle],
+    workers: &[PartitionRun],
     link: &BrokerLink,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
@@ -630,7 +369,7 @@ fn supervise(
 }
 
 /// Samples one partition for [`StallWatch`] and says what it finds.
-fn watch_stall(worker: &WorkerHandle, watch: &mut StallWatch, link: &BrokerLink) {
+fn watch_stall(worker: &PartitionRun, watch: &mut StallWatch, link: &BrokerLink) {
     let p = &worker.progress;
     let next_offset = p.next_offset.load(Ordering::Relaxed);
     // A storage fault, an undecodable batch and a broker outage have
@@ -668,43 +407,5 @@ fn watch_stall(worker: &WorkerHandle, watch: &mut StallWatch, link: &BrokerLink)
             p.partition,
             since_record.as_secs_f64()
         ),
-    }
-}
-
-/// A named worker thread, its counters and its metrics.
-struct WorkerHandle {
-    partition: PartitionId,
-    progress: Arc<Progress>,
-    metrics: PartitionMetrics,
-    thread: JoinHandle<anyhow::Result<()>>,
-}
-
-impl WorkerHandle {
-    fn spawn(
-        worker: PartitionWorker,
-        progress: Arc<Progress>,
-        metrics: PartitionMetrics,
-    ) -> anyhow::Result<Self> {
-        let partition = progress.partition;
-        let thread = crate::shutdown::spawn(format!("partition-{partition}"), move || worker.run())
-            .context("starting a partition worker")?;
-        Ok(WorkerHandle {
-            partition,
-            progress,
-            metrics,
-            thread,
-        })
-    }
-
-    fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    fn join(self) -> anyhow::Result<()> {
-        let partition = self.partition;
-        self.thread
-            .join()
-            .map_err(|_| anyhow!("partition {partition} worker panicked"))?
-            .with_context(|| format!("partition {partition}"))
     }
 }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use crossbeam_channel::Sender;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 
@@ -28,7 +27,7 @@ use super::machine::{
 use super::verify::Verifier;
 use super::{ConsumerConfig, Progress};
 use crate::broker_link::BrokerLink;
-use crate::exporter::Committed;
+use crate::exporter::{Committed, ToExporter};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{BatchCounts, Metrics, PartitionMetrics};
@@ -81,7 +80,7 @@ pub(super) struct PartitionWorker {
     config: ConsumerConfig,
     state: PartitionState,
     machine: PartitionMachine,
-    exporter: Sender<Committed>,
+    exporter: ToExporter,
     progress: Arc<Progress>,
     metrics: PartitionMetrics,
     /// For the fetch request counters of the clients this worker creates.
@@ -143,7 +142,7 @@ impl UndecodableBatch {
 /// What a worker is given besides its partition's state.
 pub(super) struct WorkerSetup {
     pub(super) config: ConsumerConfig,
-    pub(super) exporter: Sender<Committed>,
+    pub(super) exporter: ToExporter,
     pub(super) progress: Arc<Progress>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) shared: Arc<SharedClient>,
@@ -198,7 +197,9 @@ impl PartitionWorker {
         self.progress.partition
     }
 
-    pub(super) fn run(mut self) -> anyhow::Result<()> {
+    /// Runs until the partition's stop (or the process's); returns the
+    /// last committed snapshot. The state is released when this returns.
+    pub(super) fn run(mut self) -> anyhow::Result<Arc<Snapshot>> {
         let verifier = Verifier::spawn(
             &self.config.client,
             &self.config.topic,
@@ -235,7 +236,7 @@ impl PartitionWorker {
             let actions = self.machine.handle(end, Instant::now());
             self.execute(actions, &verifier)?;
         }
-        Ok(())
+        Ok(self.state.snapshot())
     }
 
     /// Carries out the machine's actions in order; a verdict awaited on the
@@ -568,8 +569,6 @@ impl PartitionWorker {
     }
 
     fn publish(&self, committed: Committed) -> anyhow::Result<()> {
-        self.exporter
-            .send(committed)
-            .map_err(|_| anyhow!("the exporter stopped"))
+        Ok(self.exporter.publish(committed)?)
     }
 }

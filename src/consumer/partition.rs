@@ -1,0 +1,562 @@
+//! One partition's lifecycle in this process, as a unit that starts and
+//! stops while the others run: [`Claimed::open`] takes its state (the lock
+//! that keeps a second process off it), [`Pipeline::run`] reconciles that
+//! state with the published file and the topic and starts its worker, and
+//! [`PartitionRun::stop`] ends it after its current batch: the batch is
+//! committed, its last snapshot published, and the state released.
+//! [`Pipeline`] holds what the partitions of a process share: the
+//! exporter, the shared Kafka client, the broker link and the group
+//! offsets. `consumer 0 2` runs a fixed set; the consumer-group mode starts
+//! and stops partitions as Kafka assigns and revokes them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+
+use super::clients::{Observed, SharedClient};
+use super::group_offsets::GroupCommitter;
+use super::machine::{CheckOutcome, CheckRequest};
+use super::worker::{PartitionWorker, WorkerSetup};
+use super::{verify, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
+use crate::aggregate::Aggregates;
+use crate::broker_link::BrokerLink;
+use crate::exporter::{Committed, Exporter, ToExporter};
+use crate::kafka::PartitionId;
+use crate::metrics::{Metrics, PartitionMetrics};
+use crate::proof;
+use crate::published::{self, partition_file};
+use crate::shutdown::Shutdown;
+use crate::state::{self, PartitionState, Snapshot, StateError};
+
+/// A partition whose state this process holds, not yet running.
+pub(super) struct Claimed {
+    state: PartitionState,
+}
+
+impl Claimed {
+    /// Takes the partition's state: a second process fails here, naming
+    /// the holder.
+    pub(super) fn open(state_dir: &Path, partition: PartitionId) -> anyhow::Result<Self> {
+        Ok(Claimed {
+            state: open_or_move_aside(state_dir, partition)?,
+        })
+    }
+}
+
+/// What the partitions of one process share.
+pub(super) struct Pipeline {
+    config: ConsumerConfig,
+    metrics: Arc<Metrics>,
+    exporter: Exporter,
+    /// One view of the brokers for the whole process: an outage is one
+    /// warning, not one per partition.
+    link: Arc<BrokerLink>,
+    shared: Arc<SharedClient>,
+    group: Option<GroupCommitter>,
+    shutdown: Shutdown,
+}
+
+impl Pipeline {
+    /// Starts the exporter, the shared client and the group offsets.
+    pub(super) fn start(
+        config: &ConsumerConfig,
+        metrics: Arc<Metrics>,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Self> {
+        let exporter = Exporter::spawn(
+            config.files_dir.clone(),
+            Some(config.state_dir.clone()),
+            config.render_chart,
+            Some(metrics.clone()),
+        )
+        .context("starting the exporter thread")?;
+        let link = Arc::new(BrokerLink::new(
+            "the partitions wait, keeping their committed state",
+        ));
+        let shared = SharedClient::start(
+            config,
+            Observed::new(link.clone(), metrics.fetch_requests("shared")),
+        )?;
+        let group = if config.commit_group_offsets {
+            Some(GroupCommitter::start(
+                &config.client,
+                &config.group_id,
+                &config.topic,
+            )?)
+        } else {
+            None
+        };
+        Ok(Pipeline {
+            config: config.clone(),
+            metrics,
+            exporter,
+            link,
+            shared,
+            group,
+            shutdown: shutdown.clone(),
+        })
+    }
+
+    pub(super) fn link(&self) -> &BrokerLink {
+        &self.link
+    }
+
+    /// Reconciles a claimed partition's state (the assignment's start-up
+    /// rules), publishes it, and starts its worker.
+    pub(super) fn run(&self, claimed: Claimed) -> anyhow::Result<PartitionRun> {
+        let Claimed { mut state } = claimed;
+        let config = &self.config;
+        let partition = state.snapshot().partition;
+        let probe_context = Observed::new(
+            self.link.clone(),
+            self.metrics.fetch_requests(&format!("verify-{partition}")),
+        );
+        reconcile_at_start(config, &mut state, probe_context, &self.shutdown)?;
+        let snapshot = state.snapshot();
+        if let Some(group) = &self.group {
+            group.offsets().committed(partition, snapshot.next_offset);
+        }
+        let progress = Arc::new(Progress::new(&snapshot));
+        let exporter = self.exporter.sender();
+        exporter.publish(Committed::current(snapshot))?;
+        let stop = self.shutdown.child();
+        let worker = PartitionWorker::new(
+            state,
+            WorkerSetup {
+                config: config.clone(),
+                exporter: exporter.clone(),
+                progress: progress.clone(),
+                metrics: self.metrics.clone(),
+                shared: self.shared.clone(),
+                link: self.link.clone(),
+                group: self.group.as_ref().map(GroupCommitter::offsets),
+                shutdown: stop.clone(),
+            },
+        );
+        let thread = crate::shutdown::spawn(format!("partition-{partition}"), move || worker.run())
+            .context("starting a partition worker")?;
+        Ok(PartitionRun {
+            partition,
+            progress,
+            metrics: self.metrics.partition(partition),
+            stop,
+            exporter,
+            thread,
+        })
+    }
+
+    /// Ends what the partitions shared, once every [`PartitionRun`] has
+    /// ended: the last group offsets are committed and every pending
+    /// snapshot published.
+    pub(super) fn finish(self) {
+        if let Some(group) = self.group {
+            group.finish();
+        }
+        self.exporter.finish();
+    }
+}
+
+/// A running partition: its worker thread, counters and metrics.
+pub(super) struct PartitionRun {
+    pub(super) partition: PartitionId,
+    pub(super) progress: Arc<Progress>,
+    pub(super) metrics: PartitionMetrics,
+    /// This partition's stop; also set by the process's.
+    stop: Shutdown,
+    exporter: ToExporter,
+    thread: JoinHandle<anyhow::Result<Arc<Snapshot>>>,
+}
+
+impl PartitionRun {
+    pub(super) fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Stops this partition while the others run: its worker ends after
+    /// the current batch, committed; its state is released (another
+    /// process, or this one, may open it now); its last snapshot is
+    /// published, waiting at most `publish_timeout`. Returns that snapshot.
+    /// A publish that fails is logged, not returned: the committed state
+    /// is what counts, and it is published again at the next start.
+    pub(super) fn stop(self, publish_timeout: Duration) -> anyhow::Result<Arc<Snapshot>> {
+        self.stop.request();
+        let exporter = self.exporter.clone();
+        let snapshot = self.join()?;
+        if let Err(error) = exporter.release(snapshot.clone(), publish_timeout) {
+            log::error!(
+                "{error:#}; the committed state (offset {}) is kept",
+                snapshot.next_offset
+            );
+        }
+        Ok(snapshot)
+    }
+
+    /// Waits for the worker to end (after a stop, or on its own with an
+    /// error); returns its last committed snapshot.
+    pub(super) fn join(self) -> anyhow::Result<Arc<Snapshot>> {
+        let partition = self.partition;
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("partition {partition} worker panicked"))?
+            .with_context(|| format!("partition {partition}"))
+    }
+}
+
+/// Opens a partition's state; one that sled cannot open (damaged beyond
+/// its own recovery) is moved aside, with one warning, and the partition
+/// starts from its published file, as on a first start. The other
+/// partitions are not touched either way.
+fn open_or_move_aside(state_dir: &Path, partition: PartitionId) -> anyhow::Result<PartitionState> {
+    match PartitionState::open(state_dir, partition) {
+        Err(StateError::Unopenable { path, cause, .. }) => {
+            let aside = state::move_aside(state_dir, partition).with_context(|| {
+                format!(
+                    "partition {partition}: the state {} cannot be opened ({cause}), \
+                     and moving it aside failed; move it away by hand to start the partition \
+                     from its published file",
+                    path.display()
+                )
+            })?;
+            log::warn!(
+                "partition {partition}: the state {} cannot be opened ({cause}); \
+                 moved it to {} and starting from the published file",
+                path.display(),
+                aside.display()
+            );
+            Ok(PartitionState::open(state_dir, partition)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// A published file ahead of its state (an old state folder restored, a
+/// damaged database that sled recovered to an older point or as empty) is
+/// a durable, consistent snapshot of statistics and offset: the state
+/// adopts it, so that the published offset never goes back. A state ahead
+/// of its file is the normal case (a crash between commit and publish) and
+/// stays.
+///
+/// Only with proof that the file belongs to the topic as it is now: a
+/// crash between a reset's commit and its publish leaves a state at offset
+/// 0 behind a file of the topic as it was before re-creation, whose
+/// statistics must not come back. The proof is the file's own, kept beside
+/// the state ([`proof`]): published before the state's reset (an older
+/// epoch), the file is never adopted; otherwise the topic must still hold
+/// the record it names (or, for a file without one, the state's last
+/// counted record) and the record before the file's offset.
+fn adopt_newer_file(
+    config: &ConsumerConfig,
+    state: &mut PartitionState,
+    probe_context: Observed,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let snapshot = state.snapshot();
+    let partition = snapshot.partition;
+    let path = partition_file(&config.files_dir, partition);
+    let parsed = match std::fs::read_to_string(&path) {
+        Ok(text) => match published::parse_partition_json(&text) {
+            Ok(parsed) => Some(parsed),
+            Err(reason) => {
+                // The state decides; the file is rewritten at the next publish.
+                log::warn!(
+                    "partition {partition}: {} is not a valid partition file ({reason}); \
+                     resuming from the state, which replaces it at the next publish",
+                    path.display()
+                );
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let Some(published) =
+        parsed.filter(|p| p.partition == partition && p.offset > snapshot.next_offset)
+    else {
+        log::info!(
+            "partition {partition}: resuming from the state (offset {})",
+            snapshot.next_offset
+        );
+        return Ok(());
+    };
+    let (file_offset, state_offset) = (published.offset, snapshot.next_offset);
+    let proof = proof::find(&config.state_dir, partition, file_offset);
+    if let Some(proof) = proof.filter(|p| p.epoch < snapshot.epoch) {
+        log::warn!(
+            "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
+             but it was published before the state was reset for a re-created topic \
+             (epoch {} < {}): keeping the state",
+            path.display(),
+            proof.epoch,
+            snapshot.epoch
+        );
+        return Ok(());
+    }
+    let proven_record = proof.and_then(|p| p.record);
+    let Some(expected) = proven_record.or(snapshot.last_record) else {
+        log::warn!(
+            "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
+             and neither its proof nor the state names a record to show the topic is the same; keeping the state",
+            path.display()
+        );
+        return Ok(());
+    };
+    let probe = verify::RecordProbe::new(
+        &config.client,
+        &config.topic,
+        partition,
+        probe_context,
+        shutdown,
+    )?;
+    let questions = [
+        CheckRequest {
+            expected: vec![expected],
+            adopt_offset: expected.offset,
+            last_record: None,
+        },
+        CheckRequest {
+            expected: Vec::new(),
+            adopt_offset: file_offset - 1,
+            last_record: None,
+        },
+    ];
+    for question in &questions {
+        loop {
+            match verify::check_records(&probe, question, shutdown)? {
+                CheckOutcome::Current { .. } => break,
+                CheckOutcome::Gone { offset } => {
+                    log::warn!(
+                        "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
+                         but the record at offset {offset} is gone or different: keeping the state",
+                        path.display()
+                    );
+                    return Ok(());
+                }
+                CheckOutcome::Undecided => {
+                    if shutdown.wait(TOPIC_WAIT_INTERVAL) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    log::warn!(
+        "partition {partition}: the state (offset {state_offset}) is behind {} (offset {file_offset}): \
+         it was restored or recovered to an older point; adopting the published file",
+        path.display()
+    );
+    let epoch = proof.map_or(snapshot.epoch, |p| p.epoch.max(snapshot.epoch));
+    state.initialize_from(file_offset, published.aggregates, epoch, proven_record)?;
+    Ok(())
+}
+
+/// The assignment's start-up rules, with sled as the source of truth.
+fn reconcile_at_start(
+    config: &ConsumerConfig,
+    state: &mut PartitionState,
+    probe_context: Observed,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    if state.is_initialized() {
+        // Only a build before the fold kept every statistic finite wrote
+        // such a state; publishing it would fail at every attempt.
+        if let Some(field) = published::first_non_finite(&state.snapshot().aggregates) {
+            bail!(
+                "partition {}: the state {} holds a statistic that is not a finite number ({field}); \
+                 move that folder away to count the partition again from the topic",
+                state.snapshot().partition,
+                state.path().display()
+            );
+        }
+        return adopt_newer_file(config, state, probe_context, shutdown);
+    }
+    let partition = state.snapshot().partition;
+    let path = partition_file(&config.files_dir, partition);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let published = published::parse_partition_json(&text).map_err(|e| {
+                anyhow!(
+                    "{} is not a valid partition file ({e}); it was left untouched: \
+                     fix it, or move it away to start partition {partition} afresh",
+                    path.display()
+                )
+            })?;
+            if published.partition != partition {
+                bail!(
+                    "{} says it is partition {}, not {partition}; it was left untouched",
+                    path.display(),
+                    published.partition
+                );
+            }
+            log::info!(
+                "partition {partition}: imported {} (offset {}, {} month/years)",
+                path.display(),
+                published.offset,
+                published.aggregates.len()
+            );
+            // The file's proof, when there is one, names its last record:
+            // the re-creation checks then compare it with the topic as
+            // they would a state's own.
+            let proof = proof::find(&config.state_dir, partition, published.offset);
+            state.initialize_from(
+                published.offset,
+                published.aggregates,
+                proof.map_or(0, |p| p.epoch),
+                proof.and_then(|p| p.record),
+            )?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            state.initialize(0, Aggregates::new(), 0)?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use chrono::NaiveDate;
+    use rdkafka::config::RDKafkaLogLevel;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::ClientConfig;
+
+    use super::*;
+    use crate::kafka::{ClientSettings, Offset};
+    use crate::report::{encode, key_for};
+
+    const TOPIC: &str = "lifecycle";
+
+    /// librdkafka's in-process broker, held by an idle producer.
+    fn mock_broker() -> (BaseProducer, String) {
+        let holder: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", "1")
+            .set("log_level", "0")
+            .set_log_level(RDKafkaLogLevel::Emerg)
+            .create()
+            .unwrap();
+        let servers = {
+            let cluster = holder.client().mock_cluster().unwrap();
+            cluster.create_topic(TOPIC, 4, 1).unwrap();
+            cluster.bootstrap_servers()
+        };
+        (holder, servers)
+    }
+
+    /// Days `from..from + count` of a year of their own to `partition`.
+    fn produce(servers: &str, partition: PartitionId, from: u64, count: u64) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", servers)
+            .create()
+            .unwrap();
+        let first = NaiveDate::from_ymd_opt(2000 + partition, 1, 1).unwrap();
+        for day in from..from + count {
+            let date = first + chrono::Days::new(day);
+            producer
+                .send(
+                    BaseRecord::to(TOPIC)
+                        .partition(partition)
+                        .key(key_for(date))
+                        .payload(&encode(date, 20.0)),
+                )
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    fn published_offset(config: &ConsumerConfig, partition: PartitionId) -> Option<Offset> {
+        let text = std::fs::read_to_string(partition_file(&config.files_dir, partition)).ok()?;
+        Some(published::parse_partition_json(&text).ok()?.offset)
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn one_partition_stops_and_starts_again_while_the_others_run() {
+        let (_broker, servers) = mock_broker();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ConsumerConfig::new(
+            ClientSettings::plaintext(&servers),
+            TOPIC,
+            dir.path().to_path_buf(),
+            dir.path().join("state"),
+            vec![0, 1, 2],
+        );
+        // The mock broker holds an empty fetch for the whole wait.
+        config.fetch_wait_ms = 5;
+        config.progress_interval = None;
+        config.commit_group_offsets = false;
+        std::fs::create_dir_all(&config.state_dir).unwrap();
+        for partition in [0, 1, 2] {
+            produce(&servers, partition, 0, 50);
+        }
+        let shutdown = Shutdown::new();
+        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let mut runs: BTreeMap<PartitionId, PartitionRun> = [0, 1, 2]
+            .into_iter()
+            .map(|p| {
+                let claimed = Claimed::open(&config.state_dir, p).unwrap();
+                (p, pipeline.run(claimed).unwrap())
+            })
+            .collect();
+        wait_for("every partition at offset 50", || {
+            [0, 1, 2]
+                .iter()
+                .all(|p| published_offset(&config, *p) == Some(50))
+        });
+
+        // Stop partition 1: committed, published, and its state released
+        // (it opens again, here, while the process runs).
+        let last = runs
+            .remove(&1)
+            .unwrap()
+            .stop(Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(last.next_offset, 50);
+        assert_eq!(last.counters.counted, 50);
+        assert_eq!(published_offset(&config, 1), Some(50));
+        let reopened = Claimed::open(&config.state_dir, 1).unwrap();
+        assert_eq!(reopened.state.snapshot().next_offset, 50);
+        drop(reopened);
+
+        // The others keep running; the stopped one stays where it was.
+        produce(&servers, 0, 50, 30);
+        produce(&servers, 1, 50, 30);
+        wait_for("partition 0 at offset 80", || {
+            published_offset(&config, 0) == Some(80)
+        });
+        assert_eq!(published_offset(&config, 1), Some(50));
+        assert!(runs.values().all(|run| !run.is_finished()));
+
+        // Started again, it resumes from its committed offset.
+        let claimed = Claimed::open(&config.state_dir, 1).unwrap();
+        runs.insert(1, pipeline.run(claimed).unwrap());
+        wait_for("partition 1 at offset 80", || {
+            published_offset(&config, 1) == Some(80)
+        });
+
+        shutdown.request();
+        for (_, run) in runs {
+            run.stop(Duration::from_secs(10)).unwrap();
+        }
+        pipeline.finish();
+        for (partition, offset, counted) in [(0, 80, 80), (1, 80, 80), (2, 50, 50)] {
+            let state = PartitionState::open_existing(&config.state_dir, partition).unwrap();
+            let snapshot = state.snapshot();
+            assert_eq!(
+                (snapshot.next_offset, snapshot.counters.counted),
+                (offset, counted),
+                "partition {partition}"
+            );
+        }
+    }
+}
