@@ -15,12 +15,11 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::aggregate::{Aggregates, MonthYear};
 use crate::atomic_file;
+use crate::folders;
 use crate::kafka::PartitionId;
 use crate::published::parse_partition_json;
 use crate::report::month_name;
 
-/// The chart's file name in the files folder.
-pub(crate) const CHART_FILE: &str = "month.svg";
 /// The months the chart shows.
 pub(crate) const CHART_MONTHS: [u32; 3] = [1, 2, 3];
 
@@ -253,31 +252,6 @@ pub(crate) fn render_svg(bars: &[Bar]) -> anyhow::Result<String> {
     Ok(svg)
 }
 
-/// Partition files in `files_dir` (partition-<number>.json) with their
-/// numbers, ascending.
-pub(crate) fn partition_files(files_dir: &Path) -> std::io::Result<Vec<(PartitionId, PathBuf)>> {
-    let mut found: Vec<(PartitionId, PathBuf)> = Vec::new();
-    let entries = match fs::read_dir(files_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let number = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("partition-"))
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<PartitionId>().ok());
-        if let Some(number) = number {
-            found.push((number, path));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
 /// Reads every partition file in `files_dir` and writes month.svg
 /// atomically; unreadable files are skipped and reported.
 pub fn render_files(files_dir: &Path) -> anyhow::Result<ChartReport> {
@@ -347,12 +321,12 @@ impl ChartRenderer {
         own: &BTreeMap<PartitionId, ChartInput>,
     ) -> anyhow::Result<ChartReport> {
         let mut report = ChartReport {
-            path: self.files_dir.join(CHART_FILE),
+            path: folders::chart_file(&self.files_dir),
             ..ChartReport::default()
         };
         let mut inputs: Vec<ChartInput> = own.values().copied().collect();
         report.files_read = inputs.len();
-        let files = partition_files(&self.files_dir)
+        let files = folders::partition_files(&self.files_dir)
             .with_context(|| format!("listing {}", self.files_dir.display()))?;
         let mut seen = BTreeMap::new();
         for (partition, path) in files {
@@ -465,11 +439,7 @@ mod tests {
 
     fn write_partition(dir: &Path, partition: PartitionId, aggregates: &Aggregates) {
         let text = crate::published::partition_json(partition, 1, aggregates).unwrap();
-        atomic_file::write(
-            &dir.join(format!("partition-{partition}.json")),
-            text.as_bytes(),
-        )
-        .unwrap();
+        atomic_file::write(&folders::partition_file(dir, partition), text.as_bytes()).unwrap();
     }
 
     #[test]
@@ -495,7 +465,7 @@ mod tests {
             (report.bars[0].label.as_str(), report.bars[0].avg),
             ("January-2004", 4.0)
         );
-        let svg = std::fs::read_to_string(dir.path().join(CHART_FILE)).unwrap();
+        let svg = std::fs::read_to_string(folders::chart_file(dir.path())).unwrap();
         assert!(svg.contains("January-2004"));
         // A file that stops parsing is reported, and the chart goes on.
         std::fs::write(dir.path().join("partition-1.json"), "{").unwrap();

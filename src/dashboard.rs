@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use serde_json::{json, Map, Value};
 
-use crate::chart::{partition_files, CHART_FILE};
+use crate::folders::{self, partition_files};
+use crate::kafka::PartitionId;
 use crate::published::{self, parse_partition_json};
 use crate::shutdown::Shutdown;
 use crate::web::{Page, WebConfig, WebServer};
@@ -73,19 +74,17 @@ fn route(path: &str, files_dir: &Path) -> Page {
             "application/json",
             serde_json::to_vec(&state_json(files_dir)).unwrap_or_default(),
         ),
-        "/month.svg" => file(files_dir.join(CHART_FILE), "image/svg+xml"),
+        "/month.svg" => file(folders::chart_file(files_dir), "image/svg+xml"),
         _ => match partition_number(path) {
-            Some(n) => file(
-                files_dir.join(format!("partition-{n}.json")),
-                "application/json",
-            ),
+            Some(n) => file(folders::partition_file(files_dir, n), "application/json"),
             None => Page::not_found(),
         },
     }
 }
 
 /// `N` of `/partition-N.json`, digits only.
-fn partition_number(path: &str) -> Option<u32> {
+/// Nine digits at most: always a valid partition number.
+fn partition_number(path: &str) -> Option<PartitionId> {
     let digits = path.strip_prefix("/partition-")?.strip_suffix(".json")?;
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -160,7 +159,7 @@ pub(crate) fn state_json(files_dir: &Path) -> Value {
     top.insert("partitions".into(), Value::Array(partitions));
     top.insert(
         "chart_modified_unix_ms".into(),
-        modified_unix_ms(&files_dir.join(CHART_FILE)).map_or(Value::Null, Value::from),
+        modified_unix_ms(&folders::chart_file(files_dir)).map_or(Value::Null, Value::from),
     );
     Value::Object(top)
 }

@@ -17,9 +17,10 @@ use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file;
-use crate::chart::{self, partition_files};
+use crate::chart;
 use crate::consumer::{self, ConsumerConfig};
 use crate::dashboard;
+use crate::folders::{self, partition_files};
 use crate::kafka::{ClientSettings, DEFAULT_TOPIC};
 use crate::producer::{self, ProducerConfig, TopicStart};
 use crate::published::parse_partition_json;
@@ -132,7 +133,7 @@ fn clear(files_dir: &Path) -> anyhow::Result<()> {
         .into_iter()
         .map(|(_, path)| path)
         .collect();
-    leftovers.push(files_dir.join(chart::CHART_FILE));
+    leftovers.push(folders::chart_file(files_dir));
     leftovers.push(record_path(files_dir));
     for path in leftovers {
         match std::fs::remove_file(&path) {

@@ -7,7 +7,6 @@
 //! goes to the state folder ([`crate::proof`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,12 +14,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::chart::{chart_input, ChartInput, ChartRenderer};
+use crate::folders::Folders;
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{Metrics, PartitionMetrics};
-use crate::proof::{self, Proof};
-use crate::published::{partition_file, publish};
-use crate::state::Snapshot;
+use crate::proof::Proof;
+use crate::snapshot::Snapshot;
 
 /// Minimum time between two month.svg renderings.
 const CHART_INTERVAL: Duration = Duration::from_secs(1);
@@ -173,18 +172,15 @@ pub struct Exporter {
 
 impl Exporter {
     /// Starts the exporter; `render_chart` re-renders month.svg after
-    /// publishing (at most once per [`CHART_INTERVAL`]).
-    /// With `state_dir`, each publish is preceded by its proof there (see
-    /// [`crate::proof`]).
+    /// publishing (at most once per [`CHART_INTERVAL`]). Each publish is
+    /// preceded by its proof in the state folder ([`Folders::publish`]).
     pub fn spawn(
-        files_dir: PathBuf,
-        state_dir: Option<PathBuf>,
+        folders: Folders,
         render_chart: bool,
         metrics: Option<Arc<Metrics>>,
     ) -> std::io::Result<Self> {
-        let mut export = ExportLoop::new(files_dir, render_chart);
+        let mut export = ExportLoop::new(folders, render_chart);
         export.metrics = metrics;
-        export.state_dir = state_dir;
         Self::start(export)
     }
 
@@ -224,9 +220,7 @@ impl Drop for Exporter {
 }
 
 struct ExportLoop {
-    files_dir: PathBuf,
-    /// Where the proofs go (None: no proofs, as in unit tests).
-    state_dir: Option<PathBuf>,
+    folders: Folders,
     /// Each partition's recent proofs, oldest first.
     proofs: BTreeMap<PartitionId, Vec<Proof>>,
     render_chart: bool,
@@ -248,11 +242,10 @@ struct ExportLoop {
 }
 
 impl ExportLoop {
-    fn new(files_dir: PathBuf, render_chart: bool) -> Self {
+    fn new(folders: Folders, render_chart: bool) -> Self {
         ExportLoop {
-            chart: ChartRenderer::new(files_dir.clone()),
-            files_dir,
-            state_dir: None,
+            chart: ChartRenderer::new(folders.files_dir().to_path_buf()),
+            folders,
             proofs: BTreeMap::new(),
             render_chart,
             published: BTreeMap::new(),
@@ -375,7 +368,7 @@ impl ExportLoop {
                 if let Some(suppressed) = self.write_errors.allow(Instant::now()) {
                     log::error!(
                         "cannot write {}: {error}; state is kept, retrying{}",
-                        partition_file(&self.files_dir, partition).display(),
+                        self.folders.partition_file(partition).display(),
                         suppressed_note(suppressed)
                     );
                 }
@@ -389,15 +382,8 @@ impl ExportLoop {
     fn write(&mut self, partition: PartitionId, snapshot: &Snapshot) -> std::io::Result<()> {
         let started = Instant::now();
         let cpu_started = thread_cpu_time();
-        if let Some(state_dir) = &self.state_dir {
-            proof::record(
-                state_dir,
-                partition,
-                self.proofs.entry(partition).or_default(),
-                Proof::of(snapshot),
-            )?;
-        }
-        publish(&self.files_dir, snapshot)?;
+        self.folders
+            .publish(snapshot, self.proofs.entry(partition).or_default())?;
         let took = started.elapsed();
         let cpu = thread_cpu_time()
             .zip(cpu_started)
@@ -453,7 +439,18 @@ impl ExportLoop {
 mod tests {
     use super::*;
     use crate::aggregate::Aggregates;
+    use crate::folders::partition_file;
     use crate::published::parse_partition_json;
+
+    /// Folders in `dir`, the state folder (where the proofs go) made.
+    fn folders(files_dir: &std::path::Path, state_dir: &std::path::Path) -> Folders {
+        std::fs::create_dir_all(state_dir).unwrap();
+        Folders::new(files_dir, state_dir)
+    }
+
+    fn folders_in(dir: &std::path::Path) -> Folders {
+        folders(dir, &dir.join("state"))
+    }
 
     fn empty_snapshot(partition: PartitionId, epoch: u64, next_offset: Offset) -> Arc<Snapshot> {
         Arc::new(Snapshot {
@@ -471,7 +468,7 @@ mod tests {
     #[test]
     fn exporter_never_publishes_an_older_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let mut exporter = ExportLoop::new(dir.path().to_path_buf(), false);
+        let mut exporter = ExportLoop::new(folders_in(dir.path()), false);
         let snap = |epoch, offset| empty_snapshot(0, epoch, offset);
         let offset_on_disk = || {
             let text = std::fs::read_to_string(partition_file(dir.path(), 0)).unwrap();
@@ -506,7 +503,7 @@ mod tests {
         );
 
         let dir = tempfile::tempdir().unwrap();
-        let mut exporter = ExportLoop::new(dir.path().to_path_buf(), false);
+        let mut exporter = ExportLoop::new(folders_in(dir.path()), false);
         let snap = |offset| empty_snapshot(0, 0, offset);
         // As if the last publish ended now and took 5 ms, 0.1 ms of CPU.
         let ended = Instant::now();
@@ -578,7 +575,7 @@ mod tests {
     fn unwritable_folder_keeps_the_snapshot_pending() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("not-yet");
-        let mut exporter = ExportLoop::new(missing.clone(), false);
+        let mut exporter = ExportLoop::new(folders(&missing, &dir.path().join("state")), false);
         exporter.accept(Committed::current(Arc::new(Snapshot {
             partition: 3,
             epoch: 0,
@@ -612,7 +609,7 @@ mod tests {
             crate::shutdown::Shutdown::install("exporter-test", Duration::from_millis(1500))
                 .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut export = ExportLoop::new(dir.path().to_path_buf(), true);
+        let mut export = ExportLoop::new(folders_in(dir.path()), true);
         export.chart = ChartRenderer::new(dir.path().to_path_buf()).drawing_with(never_returns);
         let exporter = Exporter::start(export).unwrap();
         exporter

@@ -19,6 +19,7 @@ pub mod dashboard;
 pub mod debug;
 pub mod demo;
 pub(crate) mod exporter;
+pub mod folders;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod generator;
@@ -33,6 +34,7 @@ pub mod recount;
 pub mod report;
 pub mod resume;
 pub mod shutdown;
+pub mod snapshot;
 pub mod state;
 pub mod tools;
 pub mod web;

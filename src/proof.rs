@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic_file;
 use crate::kafka::{Offset, PartitionId};
-use crate::state::{Fingerprint, Snapshot};
+use crate::snapshot::{Fingerprint, Snapshot};
 
 /// What one published partition file was made from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ struct ProofFile {
 }
 
 fn path(state_dir: &Path, partition: PartitionId) -> PathBuf {
-    state_dir.join(format!("partition-{partition}.proof"))
+    crate::folders::proof_file(state_dir, partition)
 }
 
 /// The proofs on disk, oldest first (none when there is no readable file:

@@ -1,10 +1,10 @@
 //! The `partition-N.json` format, the assignment's contract with the
-//! dashboard: where a partition's file lives, rendering it from statistics,
-//! parsing it back (for import, plotting and checks), and writing one
-//! atomically. The exporter thread decides *when* to write; this module
-//! only knows *what* a file says.
+//! dashboard: rendering it from statistics, parsing it back (for import,
+//! plotting and checks), and writing one atomically. Where it lives, and
+//! that its proof goes first, is [`crate::folders`]'; when it is written,
+//! the exporter's. This module only knows *what* a file says.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::NaiveDate;
 use serde::ser::{SerializeMap, Serializer};
@@ -16,12 +16,7 @@ use crate::aggregate::{Aggregates, MonthStats, MonthYear};
 use crate::atomic_file;
 use crate::kafka::{Offset, PartitionId};
 use crate::report::{month_name, month_number, DateText, DATE_FORMAT};
-use crate::state::Snapshot;
-
-/// Path of a partition's published file.
-pub(crate) fn partition_file(files_dir: &Path, partition: PartitionId) -> PathBuf {
-    files_dir.join(format!("partition-{partition}.json"))
-}
+use crate::snapshot::Snapshot;
 
 /// The assignment's JSON: partition, offset, then month -> year -> stats,
 /// months in calendar order and years ascending. Serialized straight from
@@ -274,18 +269,18 @@ pub fn parse_partition_json(text: &str) -> Result<PublishedPartition, FormatErro
     })
 }
 
-/// Writes a snapshot's partition file atomically.
-pub fn publish(files_dir: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+/// Writes a snapshot as the partition file at `path`, atomically, without
+/// its proof: the consumer and `export` publish through
+/// [`crate::folders::Folders::publish`], which proves it first; the bench
+/// measures the write alone.
+pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     let text = partition_json(
         snapshot.partition,
         snapshot.next_offset,
         &snapshot.aggregates,
     )
     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    atomic_file::write(
-        &partition_file(files_dir, snapshot.partition),
-        text.as_bytes(),
-    )
+    atomic_file::write(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -17,12 +17,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 
 use crate::aggregate::{Aggregates, BatchFold, MonthYear};
+use crate::folders::{self, partition_file};
 use crate::kafka::{
     assign, reading_config, ClientSettings, Offset, PartitionId, TopicAdmin, BACKLOG_FETCH_WAIT_MS,
 };
-use crate::published::{parse_partition_json, partition_file, PublishedPartition};
+use crate::published::{parse_partition_json, PublishedPartition};
 use crate::report::{month_name, DateText, Validator};
-use crate::state::{self, Fingerprint, PartitionState, StateError};
+use crate::snapshot::Fingerprint;
+use crate::state::{PartitionState, StateError};
 
 /// The consumer group name of verify's readers (joined by no one).
 const VERIFY_GROUP: &str = "weatherstream-verify";
@@ -209,9 +211,9 @@ fn partitions_to_verify(config: &VerifyConfig) -> anyhow::Result<Vec<PartitionId
     if !config.partitions.is_empty() {
         return Ok(config.partitions.clone());
     }
-    let mut found = state::partitions_in(&config.state_dir)
+    let mut found = folders::state_partitions(&config.state_dir)
         .with_context(|| format!("listing {}", config.state_dir.display()))?;
-    for (partition, _) in crate::chart::partition_files(&config.files_dir)
+    for (partition, _) in folders::partition_files(&config.files_dir)
         .with_context(|| format!("listing {}", config.files_dir.display()))?
     {
         found.push(partition);

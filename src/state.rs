@@ -34,7 +34,9 @@ use thiserror::Error;
 
 use crate::aggregate::{Aggregates, MonthStats, MonthYear};
 use crate::atomic_file;
+use crate::folders;
 use crate::kafka::{Offset, PartitionId};
+use crate::snapshot::{Counters, Fingerprint, Snapshot};
 
 const NEXT_OFFSET: &[u8] = b"meta:next_offset";
 const EPOCH: &[u8] = b"meta:epoch";
@@ -50,69 +52,6 @@ const STAT_PREFIX: &[u8] = b"stat:";
 /// far apart: up to a second in all, far more than the release takes.
 const OWN_LOCK_ATTEMPTS: u32 = 50;
 const OWN_LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Identifies one record, so a stored offset can be checked against the
-/// topic: after a topic is deleted and re-created, the record at an old
-/// offset is missing or different.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    pub offset: Offset,
-    pub key_hash: u64,
-    pub value_hash: u64,
-}
-
-impl Fingerprint {
-    pub fn of(offset: Offset, key: Option<&[u8]>, value: Option<&[u8]>) -> Self {
-        Fingerprint {
-            offset,
-            key_hash: key.map_or(0, fnv1a),
-            value_hash: value.map_or(0, fnv1a),
-        }
-    }
-}
-
-/// FNV-1a, 64 bit: stable across builds and versions, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Per-partition counts since the state began (or was last reset).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub counted: u64,
-    pub duplicates: u64,
-    pub malformed: u64,
-}
-
-/// One committed, consistent view of a partition's state.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    pub partition: PartitionId,
-    pub epoch: u64,
-    pub next_offset: Offset,
-    pub aggregates: Aggregates,
-    pub counters: Counters,
-    pub last_record: Option<Fingerprint>,
-    pub anchor: Option<Fingerprint>,
-    pub last_commit_unix_ms: Option<i64>,
-}
-
-impl Snapshot {
-    fn empty(partition: PartitionId) -> Self {
-        Snapshot {
-            partition,
-            epoch: 0,
-            next_offset: 0,
-            aggregates: Aggregates::new(),
-            counters: Counters::default(),
-            last_record: None,
-            anchor: None,
-            last_commit_unix_ms: None,
-        }
-    }
-}
 
 /// One batch's effect, committed atomically.
 #[derive(Debug, Clone, Default)]
@@ -170,19 +109,10 @@ pub enum StateError {
     },
 }
 
-/// The folder of one partition's sled database.
-pub(crate) fn partition_dir(state_dir: &Path, partition: PartitionId) -> PathBuf {
-    state_dir.join(format!("partition-{partition}"))
-}
-
-fn owner_file(state_dir: &Path, partition: PartitionId) -> PathBuf {
-    state_dir.join(format!("partition-{partition}.owner"))
-}
-
 /// Who last claimed a partition (the lock is the authority; this only names
 /// the holder in messages).
 pub fn holder(state_dir: &Path, partition: PartitionId) -> Option<String> {
-    fs::read_to_string(owner_file(state_dir, partition))
+    fs::read_to_string(folders::owner_file(state_dir, partition))
         .ok()
         .map(|text| text.trim().to_string())
         .filter(|text| !text.is_empty())
@@ -193,34 +123,12 @@ pub fn holder(state_dir: &Path, partition: PartitionId) -> Option<String> {
 /// never read again), so that the partition starts afresh. Returns where
 /// it went.
 pub(crate) fn move_aside(state_dir: &Path, partition: PartitionId) -> std::io::Result<PathBuf> {
-    let from = partition_dir(state_dir, partition);
+    let from = folders::state_folder(state_dir, partition);
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-    let to = state_dir.join(format!("partition-{partition}.damaged-{stamp}"));
+    let to = folders::damaged_folder(state_dir, partition, &stamp.to_string());
     fs::rename(&from, &to)?;
     atomic_file::sync_dir(state_dir)?;
     Ok(to)
-}
-
-/// Partitions that have a state folder under `state_dir`, ascending.
-pub(crate) fn partitions_in(state_dir: &Path) -> std::io::Result<Vec<PartitionId>> {
-    let mut found = Vec::new();
-    let entries = match fs::read_dir(state_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(number) = name.to_str().and_then(|n| n.strip_prefix("partition-")) else {
-            continue;
-        };
-        if let (Ok(partition), true) = (number.parse(), entry.path().is_dir()) {
-            found.push(partition);
-        }
-    }
-    found.sort_unstable();
-    Ok(found)
 }
 
 fn stat_key(key: MonthYear) -> [u8; 10] {
@@ -308,7 +216,7 @@ impl PartitionState {
     /// this process as its holder.
     pub fn open(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
         let this = Self::open_dir(state_dir, partition)?;
-        let owner = owner_file(state_dir, partition);
+        let owner = folders::owner_file(state_dir, partition);
         let text = format!(
             "pid {} since {}\n",
             std::process::id(),
@@ -326,7 +234,7 @@ impl PartitionState {
         state_dir: &Path,
         partition: PartitionId,
     ) -> Result<Self, StateError> {
-        let path = partition_dir(state_dir, partition);
+        let path = folders::state_folder(state_dir, partition);
         if !path.join("db").exists() {
             return Err(StateError::NoState { partition, path });
         }
@@ -338,7 +246,7 @@ impl PartitionState {
     }
 
     fn open_dir(state_dir: &Path, partition: PartitionId) -> Result<Self, StateError> {
-        let path = partition_dir(state_dir, partition);
+        let path = folders::state_folder(state_dir, partition);
         let ours = format!("pid {} ", std::process::id());
         let mut attempts = 0;
         let db = loop {
@@ -802,14 +710,14 @@ mod tests {
         let err = PartitionState::open_existing(dir.path(), 0).err().unwrap();
         assert!(matches!(err, StateError::NoState { partition: 0, .. }));
         assert_eq!(
-            partitions_in(dir.path()).unwrap(),
+            folders::state_partitions(dir.path()).unwrap(),
             Vec::<PartitionId>::new()
         );
         PartitionState::open(dir.path(), 2)
             .unwrap()
             .initialize(0, Aggregates::new(), 0)
             .unwrap();
-        assert_eq!(partitions_in(dir.path()).unwrap(), vec![2]);
+        assert_eq!(folders::state_partitions(dir.path()).unwrap(), vec![2]);
     }
 
     fn committed_state(dir: &Path, partition: PartitionId) {
@@ -838,7 +746,7 @@ mod tests {
     fn a_state_sled_cannot_open_is_unopenable_and_moves_aside() {
         let dir = tempfile::tempdir().unwrap();
         committed_state(dir.path(), 0);
-        let conf = partition_dir(dir.path(), 0).join("conf");
+        let conf = folders::state_folder(dir.path(), 0).join("conf");
         let mut bytes = fs::read(&conf).unwrap();
         for b in bytes.iter_mut() {
             *b ^= 0x5a;
@@ -851,9 +759,9 @@ mod tests {
         );
         let aside = move_aside(dir.path(), 0).unwrap();
         assert!(aside.join("db").exists());
-        assert!(!partition_dir(dir.path(), 0).exists());
+        assert!(!folders::state_folder(dir.path(), 0).exists());
         assert_eq!(
-            partitions_in(dir.path()).unwrap(),
+            folders::state_partitions(dir.path()).unwrap(),
             Vec::<PartitionId>::new()
         );
         let fresh = PartitionState::open(dir.path(), 0).unwrap();
@@ -891,8 +799,8 @@ mod tests {
                     .unwrap();
             }
         }
-        let db = fs::read(partition_dir(source.path(), 0).join("db")).unwrap();
-        let conf = fs::read(partition_dir(source.path(), 0).join("conf")).unwrap();
+        let db = fs::read(folders::state_folder(source.path(), 0).join("db")).unwrap();
+        let conf = fs::read(folders::state_folder(source.path(), 0).join("conf")).unwrap();
         let (mut opened, mut refused) = (0, 0);
         for seed in 0..32u64 {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -902,9 +810,9 @@ mod tests {
                 rng.fill(&mut damaged[at..at + 64]);
             }
             let dir = tempfile::tempdir().unwrap();
-            fs::create_dir_all(partition_dir(dir.path(), 0)).unwrap();
-            fs::write(partition_dir(dir.path(), 0).join("db"), &damaged).unwrap();
-            fs::write(partition_dir(dir.path(), 0).join("conf"), &conf).unwrap();
+            fs::create_dir_all(folders::state_folder(dir.path(), 0)).unwrap();
+            fs::write(folders::state_folder(dir.path(), 0).join("db"), &damaged).unwrap();
+            fs::write(folders::state_folder(dir.path(), 0).join("conf"), &conf).unwrap();
             let path = dir.path().to_path_buf();
             let result = std::panic::catch_unwind(move || {
                 PartitionState::open(&path, 0).map(|state| state.snapshot().next_offset)
@@ -932,12 +840,5 @@ mod tests {
         // At open: conf, db, the folder, the state folder; then one per
         // commit at least (two commits here), plus the owner note's two.
         assert!(atomic_file::fsyncs_total() - before >= 8);
-    }
-
-    #[test]
-    fn fingerprints_are_stable() {
-        // Pinned: a stored fingerprint must mean the same after an upgrade.
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

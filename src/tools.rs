@@ -12,17 +12,18 @@ use chrono::TimeZone;
 use serde_json::{json, Value};
 
 use crate::chart;
+use crate::folders::{self, partition_file, Folders};
 use crate::kafka::PartitionId;
-use crate::proof;
-use crate::published::{self, parse_partition_json, partition_file};
+use crate::published::parse_partition_json;
 use crate::report::month_name;
-use crate::state::{self, Fingerprint, PartitionState, Snapshot, StateError};
+use crate::snapshot::{Fingerprint, Snapshot};
+use crate::state::{PartitionState, StateError};
 
 fn requested(state_dir: &Path, partitions: &[PartitionId]) -> anyhow::Result<Vec<PartitionId>> {
     if !partitions.is_empty() {
         return Ok(partitions.to_vec());
     }
-    let found = state::partitions_in(state_dir)
+    let found = folders::state_partitions(state_dir)
         .with_context(|| format!("listing {}", state_dir.display()))?;
     if found.is_empty() {
         bail!("no partition state in {}", state_dir.display());
@@ -45,16 +46,11 @@ pub fn export(
         match PartitionState::open_existing(state_dir, partition) {
             Ok(state) => {
                 let snapshot = state.snapshot();
-                let path = partition_file(files_dir, partition);
-                proof::record(
-                    state_dir,
-                    partition,
-                    &mut Vec::new(),
-                    proof::Proof::of(&snapshot),
-                )
-                .context("writing the published file's proof")?;
-                published::publish(files_dir, &snapshot)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                let folders = Folders::new(files_dir, state_dir);
+                let path = folders.partition_file(partition);
+                folders
+                    .publish(&snapshot, &mut Vec::new())
+                    .with_context(|| format!("writing {} and its proof", path.display()))?;
                 println!(
                     "partition {partition}: wrote {} (offset {})",
                     path.display(),

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use crate::aggregate::{BatchFold, MonthYear, Outcome};
 use crate::kafka::Offset;
 use crate::report::{Malformed, Validator};
-use crate::state::{BatchCommit, Fingerprint, Snapshot};
+use crate::snapshot::{Fingerprint, Snapshot};
+use crate::state::BatchCommit;
 
 /// How far before an offset a re-read starts, step by step, when the broker
 /// does not serve the offset itself; the last step reads from the start of

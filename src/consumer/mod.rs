@@ -41,7 +41,7 @@ use crate::broker_link::BrokerLink;
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::state::Snapshot;
+use crate::snapshot::Snapshot;
 use crate::web::WebConfig;
 use partition::{Claimed, PartitionRun, Pipeline};
 use stall::{StallNews, StallWatch};

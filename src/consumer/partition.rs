@@ -24,12 +24,14 @@ use super::{verify, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
 use crate::aggregate::Aggregates;
 use crate::broker_link::BrokerLink;
 use crate::exporter::{Committed, Exporter, ToExporter};
+use crate::folders::{partition_file, Folders};
 use crate::kafka::PartitionId;
 use crate::metrics::{Metrics, PartitionMetrics};
 use crate::proof;
-use crate::published::{self, partition_file};
+use crate::published;
 use crate::shutdown::Shutdown;
-use crate::state::{self, PartitionState, Snapshot, StateError};
+use crate::snapshot::Snapshot;
+use crate::state::{self, PartitionState, StateError};
 
 /// A partition whose state this process holds, not yet running.
 pub(super) struct Claimed {
@@ -67,8 +69,7 @@ impl Pipeline {
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let exporter = Exporter::spawn(
-            config.files_dir.clone(),
-            Some(config.state_dir.clone()),
+            Folders::new(&config.files_dir, &config.state_dir),
             config.render_chart,
             Some(metrics.clone()),
         )

@@ -19,7 +19,7 @@ use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
 use super::worker::needs_verification;
 use crate::kafka::{assign, manual_assign_config, ClientSettings, Offset, PartitionId};
 use crate::shutdown::Shutdown;
-use crate::state::Fingerprint;
+use crate::snapshot::Fingerprint;
 
 /// The probe's consumer group name (joined by no one: manual assignment).
 const PROBE_GROUP: &str = "weatherstream-probe";

@@ -32,7 +32,8 @@ use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{BatchCounts, Metrics, PartitionMetrics};
 use crate::shutdown::Shutdown;
-use crate::state::{BatchCommit, PartitionState, Snapshot, StateError};
+use crate::snapshot::Snapshot;
+use crate::state::{BatchCommit, PartitionState, StateError};
 
 /// How often a worker refreshes its lag, for the progress lines.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);

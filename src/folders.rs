@@ -1,0 +1,230 @@
+//! The files folder and the state folder beside it: the one place that
+//! names what lives in them (`partition-N.json`, `month.svg`,
+//! `partition-N.proof`, each partition's sled folder, its owner note and a
+//! damaged copy moved aside), lists them, and keeps the rule that ties the
+//! two folders: a partition file is published only after its proof is on
+//! disk ([`Folders::publish`]). Every other module asks here for a path.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::kafka::PartitionId;
+use crate::proof::{self, Proof};
+use crate::published;
+use crate::snapshot::Snapshot;
+
+/// The chart's file name in the files folder.
+pub(crate) const CHART_FILE: &str = "month.svg";
+
+/// A files folder and its state folder (by default `<files>/state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folders {
+    files_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Folders {
+    pub fn new(files_dir: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        Folders {
+            files_dir: files_dir.into(),
+            state_dir: state_dir.into(),
+        }
+    }
+
+    /// The files folder with the default state folder inside it.
+    pub fn with_state_inside(files_dir: impl Into<PathBuf>) -> Self {
+        let files_dir = files_dir.into();
+        let state_dir = files_dir.join("state");
+        Folders {
+            files_dir,
+            state_dir,
+        }
+    }
+
+    pub fn files_dir(&self) -> &Path {
+        &self.files_dir
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// `<files>/partition-N.json`.
+    pub fn partition_file(&self, partition: PartitionId) -> PathBuf {
+        partition_file(&self.files_dir, partition)
+    }
+
+    /// `<files>/month.svg`.
+    pub fn chart_file(&self) -> PathBuf {
+        chart_file(&self.files_dir)
+    }
+
+    /// The partition files in the files folder, by partition, ascending.
+    pub fn partition_files(&self) -> io::Result<Vec<(PartitionId, PathBuf)>> {
+        partition_files(&self.files_dir)
+    }
+
+    /// The partitions with a state folder, ascending.
+    pub fn state_partitions(&self) -> io::Result<Vec<PartitionId>> {
+        state_partitions(&self.state_dir)
+    }
+
+    /// Publishes a snapshot as its partition file: its proof first
+    /// (durably, in the state folder), then the file (atomically).
+    /// `proofs` is the caller's memory of the partition's recent proofs
+    /// (read from disk when empty).
+    pub(crate) fn publish(&self, snapshot: &Snapshot, proofs: &mut Vec<Proof>) -> io::Result<()> {
+        proof::record(
+            &self.state_dir,
+            snapshot.partition,
+            proofs,
+            Proof::of(snapshot),
+        )?;
+        published::write(&self.partition_file(snapshot.partition), snapshot)
+    }
+}
+
+/// `<files>/partition-N.json`.
+pub(crate) fn partition_file(files_dir: &Path, partition: PartitionId) -> PathBuf {
+    files_dir.join(format!("partition-{partition}.json"))
+}
+
+/// `<files>/month.svg`.
+pub(crate) fn chart_file(files_dir: &Path) -> PathBuf {
+    files_dir.join(CHART_FILE)
+}
+
+/// The partition files in `files_dir`, by partition, ascending.
+pub(crate) fn partition_files(files_dir: &Path) -> io::Result<Vec<(PartitionId, PathBuf)>> {
+    numbered(files_dir, "partition-", ".json", Kind::File)
+}
+
+/// The partitions with a state folder in `state_dir`, ascending.
+pub(crate) fn state_partitions(state_dir: &Path) -> io::Result<Vec<PartitionId>> {
+    Ok(numbered(state_dir, "partition-", "", Kind::Folder)?
+        .into_iter()
+        .map(|(partition, _)| partition)
+        .collect())
+}
+
+/// `<state>/partition-N.proof`.
+pub(crate) fn proof_file(state_dir: &Path, partition: PartitionId) -> PathBuf {
+    state_dir.join(format!("partition-{partition}.proof"))
+}
+
+/// `<state>/partition-N/`: the partition's sled database.
+pub(crate) fn state_folder(state_dir: &Path, partition: PartitionId) -> PathBuf {
+    state_dir.join(format!("partition-{partition}"))
+}
+
+/// `<state>/partition-N.owner`: who last claimed the partition.
+pub(crate) fn owner_file(state_dir: &Path, partition: PartitionId) -> PathBuf {
+    state_dir.join(format!("partition-{partition}.owner"))
+}
+
+/// `<state>/partition-N.damaged-STAMP`: a state sled could not open.
+pub(crate) fn damaged_folder(state_dir: &Path, partition: PartitionId, stamp: &str) -> PathBuf {
+    state_dir.join(format!("partition-{partition}.damaged-{stamp}"))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    File,
+    Folder,
+}
+
+/// Entries of `dir` named `<prefix>N<suffix>`, of the given kind, with their
+/// numbers, ascending; none when the folder does not exist.
+fn numbered(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+    kind: Kind,
+) -> io::Result<Vec<(PartitionId, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let number = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(suffix))
+            .and_then(|n| n.parse::<PartitionId>().ok());
+        let Some(number) = number else {
+            continue;
+        };
+        if (kind == Kind::Folder) == path.is_dir() {
+            found.push((number, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_take_only_their_own_names_in_partition_order() {
+        let folders = Folders::with_state_inside(tempfile::tempdir().unwrap().keep());
+        std::fs::create_dir_all(folders.state_dir()).unwrap();
+        for name in [
+            "partition-10.json",
+            "partition-2.json",
+            "partition-x.json",
+            "partition-3.json.tmp",
+            "month.svg",
+        ] {
+            std::fs::write(folders.files_dir().join(name), "{}").unwrap();
+        }
+        for partition in [7, 1] {
+            std::fs::create_dir(state_folder(folders.state_dir(), partition)).unwrap();
+        }
+        std::fs::write(proof_file(folders.state_dir(), 4), "{}").unwrap();
+        std::fs::create_dir(damaged_folder(folders.state_dir(), 5, "20261205T000000Z")).unwrap();
+        let files: Vec<PartitionId> = folders
+            .partition_files()
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(files, [2, 10]);
+        assert_eq!(folders.state_partitions().unwrap(), [1, 7]);
+        assert_eq!(
+            folders.partition_file(2),
+            folders.files_dir().join("partition-2.json")
+        );
+        let missing = Folders::with_state_inside(folders.files_dir().join("nothing"));
+        assert!(missing.partition_files().unwrap().is_empty());
+        assert!(missing.state_partitions().unwrap().is_empty());
+        std::fs::remove_dir_all(folders.files_dir()).unwrap();
+    }
+
+    #[test]
+    fn a_partition_file_is_published_after_its_proof() {
+        let dir = tempfile::tempdir().unwrap();
+        let folders = Folders::with_state_inside(dir.path());
+        std::fs::create_dir_all(folders.state_dir()).unwrap();
+        let mut snapshot = Snapshot::empty(3);
+        snapshot.next_offset = 42;
+        folders.publish(&snapshot, &mut Vec::new()).unwrap();
+        assert_eq!(
+            proof::find(folders.state_dir(), 3, 42).map(|p| p.offset),
+            Some(42)
+        );
+        let text = std::fs::read_to_string(folders.partition_file(3)).unwrap();
+        assert_eq!(published::parse_partition_json(&text).unwrap().offset, 42);
+        // No state folder to prove in: nothing is published.
+        let unproven = Folders::new(dir.path(), dir.path().join("missing"));
+        snapshot.next_offset = 43;
+        assert!(unproven.publish(&snapshot, &mut Vec::new()).is_err());
+        let text = std::fs::read_to_string(folders.partition_file(3)).unwrap();
+        assert_eq!(published::parse_partition_json(&text).unwrap().offset, 42);
+    }
+}
