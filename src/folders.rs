@@ -8,7 +8,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::kafka::PartitionId;
+use crate::kafka::{Offset, PartitionId};
 use crate::proof::{self, Proof};
 use crate::published;
 use crate::snapshot::Snapshot;
@@ -75,7 +75,7 @@ impl Folders {
     /// (read from disk when empty).
     pub(crate) fn publish(&self, snapshot: &Snapshot, proofs: &mut Vec<Proof>) -> io::Result<()> {
         proof::record(
-            &self.state_dir,
+            &proof_file(&self.state_dir, snapshot.partition),
             snapshot.partition,
             proofs,
             Proof::of(snapshot),
@@ -105,6 +105,16 @@ pub(crate) fn state_partitions(state_dir: &Path) -> io::Result<Vec<PartitionId>>
         .into_iter()
         .map(|(partition, _)| partition)
         .collect())
+}
+
+/// The proof of the partition file published at `offset`, if one was
+/// recorded.
+pub(crate) fn find_proof(
+    state_dir: &Path,
+    partition: PartitionId,
+    offset: Offset,
+) -> Option<Proof> {
+    proof::find(&proof_file(state_dir, partition), partition, offset)
 }
 
 /// `<state>/partition-N.proof`.
@@ -215,7 +225,7 @@ mod tests {
         snapshot.next_offset = 42;
         folders.publish(&snapshot, &mut Vec::new()).unwrap();
         assert_eq!(
-            proof::find(folders.state_dir(), 3, 42).map(|p| p.offset),
+            find_proof(folders.state_dir(), 3, 42).map(|p| p.offset),
             Some(42)
         );
         let text = std::fs::read_to_string(folders.partition_file(3)).unwrap();

@@ -1,4 +1,5 @@
-//! The published files' proofs, `<state-dir>/partition-N.proof`: for each of
+//! The published files' proofs, `<state-dir>/partition-N.proof` (the path
+//! is [`crate::folders`]'): for each of
 //! the last two partition files published, its epoch, its offset and the
 //! fingerprint of the last record it counted. The exporter writes the proof
 //! (fsynced) before it renames the partition file into place; at start-up
@@ -9,7 +10,7 @@
 //! crash between the proof's write and the file's rename) or the newest,
 //! also across a restart of the consumer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,14 +49,11 @@ struct ProofFile {
     published: Vec<Proof>,
 }
 
-fn path(state_dir: &Path, partition: PartitionId) -> PathBuf {
-    crate::folders::proof_file(state_dir, partition)
-}
-
-/// The proofs on disk, oldest first (none when there is no readable file:
-/// a proof only ever adds a way to keep a published file).
-pub fn read(state_dir: &Path, partition: PartitionId) -> Vec<Proof> {
-    std::fs::read(path(state_dir, partition))
+/// The proofs of `partition` in the proof file at `path` (named by
+/// [`crate::folders`]), oldest first; none when there is no readable file:
+/// a proof only ever adds a way to keep a published file.
+pub fn read(path: &Path, partition: PartitionId) -> Vec<Proof> {
+    std::fs::read(path)
         .ok()
         .and_then(|bytes| serde_json::from_slice::<ProofFile>(&bytes).ok())
         .filter(|file| file.partition == partition)
@@ -64,8 +62,8 @@ pub fn read(state_dir: &Path, partition: PartitionId) -> Vec<Proof> {
 }
 
 /// The proof of a published file at `offset`, if one was recorded.
-pub fn find(state_dir: &Path, partition: PartitionId, offset: Offset) -> Option<Proof> {
-    read(state_dir, partition)
+pub fn find(path: &Path, partition: PartitionId, offset: Offset) -> Option<Proof> {
+    read(path, partition)
         .into_iter()
         .rev()
         .find(|proof| proof.offset == offset)
@@ -75,13 +73,13 @@ pub fn find(state_dir: &Path, partition: PartitionId, offset: Offset) -> Option<
 /// it is renamed. `history` is the caller's memory of this partition's
 /// proofs, oldest first (loaded from disk when empty).
 pub fn record(
-    state_dir: &Path,
+    path: &Path,
     partition: PartitionId,
     history: &mut Vec<Proof>,
     next: Proof,
 ) -> std::io::Result<()> {
     if history.is_empty() {
-        *history = read(state_dir, partition);
+        *history = read(path, partition);
     }
     if history.last() != Some(&next) {
         history.push(next);
@@ -94,14 +92,18 @@ pub fn record(
     };
     let mut text = serde_json::to_string(&file).expect("plain struct serializes");
     text.push('\n');
-    let path = path(state_dir, partition);
-    atomic_file::write(&path, text.as_bytes())
+    atomic_file::write(path, text.as_bytes())
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
+    fn path(dir: &Path, partition: PartitionId) -> PathBuf {
+        dir.join(format!("partition-{partition}.proof"))
+    }
 
     fn proof(epoch: u64, offset: Offset) -> Proof {
         Proof {
@@ -114,32 +116,35 @@ mod tests {
     #[test]
     fn keeps_the_last_three_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read(dir.path(), 2), Vec::new());
+        assert_eq!(read(&path(dir.path(), 2), 2), Vec::new());
         let mut history = Vec::new();
-        record(dir.path(), 2, &mut history, proof(0, 10)).unwrap();
-        record(dir.path(), 2, &mut history, proof(0, 20)).unwrap();
+        record(&path(dir.path(), 2), 2, &mut history, proof(0, 10)).unwrap();
+        record(&path(dir.path(), 2), 2, &mut history, proof(0, 20)).unwrap();
         // The same publish again (a retry) is one entry, not two.
-        record(dir.path(), 2, &mut history, proof(0, 20)).unwrap();
-        assert_eq!(read(dir.path(), 2), vec![proof(0, 10), proof(0, 20)]);
+        record(&path(dir.path(), 2), 2, &mut history, proof(0, 20)).unwrap();
+        assert_eq!(
+            read(&path(dir.path(), 2), 2),
+            vec![proof(0, 10), proof(0, 20)]
+        );
         // A new process starts from what is on disk.
         let mut history = Vec::new();
-        record(dir.path(), 2, &mut history, proof(0, 30)).unwrap();
-        record(dir.path(), 2, &mut history, proof(1, 0)).unwrap();
+        record(&path(dir.path(), 2), 2, &mut history, proof(0, 30)).unwrap();
+        record(&path(dir.path(), 2), 2, &mut history, proof(1, 0)).unwrap();
         assert_eq!(
-            read(dir.path(), 2),
+            read(&path(dir.path(), 2), 2),
             vec![proof(0, 20), proof(0, 30), proof(1, 0)]
         );
-        assert_eq!(find(dir.path(), 2, 30), Some(proof(0, 30)));
-        assert_eq!(find(dir.path(), 2, 10), None);
+        assert_eq!(find(&path(dir.path(), 2), 2, 30), Some(proof(0, 30)));
+        assert_eq!(find(&path(dir.path(), 2), 2, 10), None);
     }
 
     #[test]
     fn another_partitions_or_a_damaged_file_proves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        record(dir.path(), 1, &mut Vec::new(), proof(0, 10)).unwrap();
+        record(&path(dir.path(), 1), 1, &mut Vec::new(), proof(0, 10)).unwrap();
         std::fs::rename(path(dir.path(), 1), path(dir.path(), 3)).unwrap();
-        assert_eq!(read(dir.path(), 3), Vec::new());
+        assert_eq!(read(&path(dir.path(), 3), 3), Vec::new());
         std::fs::write(path(dir.path(), 1), b"{\"partition\": 1, \"publ").unwrap();
-        assert_eq!(read(dir.path(), 1), Vec::new());
+        assert_eq!(read(&path(dir.path(), 1), 1), Vec::new());
     }
 }

@@ -135,6 +135,23 @@ impl ConsumerContext for Observed {}
 
 pub(super) type Client = BaseConsumer<Observed>;
 
+/// Errors after which the stored offset must be checked against the topic.
+/// Since librdkafka 2.5 fetches by topic id, a deleted topic can also show
+/// as an unknown topic id (Apache Kafka's answer to a fetch for it).
+pub(super) fn needs_verification(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::OffsetOutOfRange
+                | RDKafkaErrorCode::AutoOffsetReset
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopicId
+        )
+    )
+}
+
 /// Every broker connection of a client is down, or the brokers refuse it
 /// (credentials revoked, a certificate that expired after start-up, which
 /// checked both): reading waits and librdkafka keeps trying.

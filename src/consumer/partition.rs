@@ -24,10 +24,9 @@ use super::{verify, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
 use crate::aggregate::Aggregates;
 use crate::broker_link::BrokerLink;
 use crate::exporter::{Committed, Exporter, ToExporter};
-use crate::folders::{partition_file, Folders};
+use crate::folders::{self, partition_file, Folders};
 use crate::kafka::PartitionId;
 use crate::metrics::{Metrics, PartitionMetrics};
-use crate::proof;
 use crate::published;
 use crate::shutdown::Shutdown;
 use crate::snapshot::Snapshot;
@@ -282,7 +281,7 @@ fn adopt_newer_file(
         return Ok(());
     };
     let (file_offset, state_offset) = (published.offset, snapshot.next_offset);
-    let proof = proof::find(&config.state_dir, partition, file_offset);
+    let proof = folders::find_proof(&config.state_dir, partition, file_offset);
     if let Some(proof) = proof.filter(|p| p.epoch < snapshot.epoch) {
         log::warn!(
             "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
@@ -399,7 +398,7 @@ fn reconcile_at_start(
             // The file's proof, when there is one, names its last record:
             // the re-creation checks then compare it with the topic as
             // they would a state's own.
-            let proof = proof::find(&config.state_dir, partition, published.offset);
+            let proof = folders::find_proof(&config.state_dir, partition, published.offset);
             state.initialize_from(
                 published.offset,
                 published.aggregates,

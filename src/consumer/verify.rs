@@ -14,9 +14,8 @@ use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 
-use super::clients::{Client, Observed, CLIENT_STATS_INTERVAL_MS};
+use super::clients::{needs_verification, Client, Observed, CLIENT_STATS_INTERVAL_MS};
 use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
-use super::worker::needs_verification;
 use crate::kafka::{assign, manual_assign_config, ClientSettings, Offset, PartitionId};
 use crate::shutdown::Shutdown;
 use crate::snapshot::Fingerprint;

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::clients::{
-    is_outage, is_reconnect, own_client, undecodable, Observed, Reader, SharedClient,
+    is_outage, is_reconnect, needs_verification, own_client, undecodable, Observed, Reader,
+    SharedClient,
 };
 use super::group_offsets::GroupOffsets;
 use super::machine::{
@@ -57,23 +58,6 @@ impl Record for BorrowedMessage<'_> {
     fn value(&self) -> Option<&[u8]> {
         Message::payload(self)
     }
-}
-
-/// Errors after which the stored offset must be checked against the topic.
-/// Since librdkafka 2.5 fetches by topic id, a deleted topic can also show
-/// as an unknown topic id (Apache Kafka's answer to a fetch for it).
-pub(super) fn needs_verification(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::OffsetOutOfRange
-                | RDKafkaErrorCode::AutoOffsetReset
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownPartition
-                | RDKafkaErrorCode::UnknownTopicId
-        )
-    )
 }
 
 /// One partition's worker; [`PartitionWorker::run`] is its thread.
