@@ -226,21 +226,22 @@ pub fn run(config: &DemoConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         },
         print_topics: false,
     };
-    let consumer_config = {
-        let mut c = ConsumerConfig::new(
-            client,
-            DEFAULT_TOPIC,
-            config.files_dir.clone(),
-            config.files_dir.join("state"),
-            (0..PARTITIONS).collect(),
-        );
-        c.progress_interval = None;
-        c.metrics_addr = config.metrics_addr.clone();
-        c.web = config.web.clone();
-        if embedded.is_some() {
-            c.fetch_wait_ms = EMBEDDED_FETCH_WAIT_MS;
-        }
-        c
+    let defaults = ConsumerConfig::new(
+        client,
+        DEFAULT_TOPIC,
+        config.files_dir.clone(),
+        config.files_dir.join("state"),
+        (0..PARTITIONS).collect(),
+    );
+    let consumer_config = ConsumerConfig {
+        progress_interval: None,
+        metrics_addr: config.metrics_addr.clone(),
+        web: config.web.clone(),
+        fetch_wait_ms: match embedded {
+            Some(_) => EMBEDDED_FETCH_WAIT_MS,
+            None => defaults.fetch_wait_ms,
+        },
+        ..defaults
     };
     println!(
         "demo: {} days from 1990-01-01 (seed {seed}){}; files in {}",

@@ -153,9 +153,8 @@ pub(crate) fn manual_assign_config(settings: &ClientSettings, group: &str) -> Cl
     let mut config = client_config(settings);
     config
         // Needed by librdkafka; assign() joins no group and commits nothing.
-        // A `--group-id` (in the settings) names the group of every client,
-        // so one group ACL covers them.
-        .set_default("group.id", group)
+        // The caller's one resolved group (`--group-id` for the consumer).
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         // An offset outside the log is a question for us (re-created

@@ -26,8 +26,6 @@ use crate::report::{month_name, DateText, Validator};
 use crate::snapshot::Fingerprint;
 use crate::state::{PartitionState, StateError};
 
-/// The consumer group name of verify's readers (joined by no one).
-const VERIFY_GROUP: &str = "weatherstream-verify";
 /// How long a reader waits for the next record before it concludes that
 /// the log ends before the offset it must reach.
 const LOG_END_QUIET: Duration = Duration::from_secs(5);
@@ -42,6 +40,9 @@ const SUM_TOLERANCE: f64 = 1e-9;
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
     pub client: ClientSettings,
+    /// The consumer group of its readers (they join it not: manual
+    /// assignment), the consumer's by default: one group ACL.
+    pub group_id: String,
     pub topic: String,
     pub files_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -453,7 +454,7 @@ fn recount(config: &VerifyConfig, claim: &Claim) -> Result<(Aggregates, u64), St
     let partition = claim.partition;
     // It reads records that are there (up to the state's offset).
     let consumer: BaseConsumer =
-        reading_config(&config.client, VERIFY_GROUP, BACKLOG_FETCH_WAIT_MS)
+        reading_config(&config.client, &config.group_id, BACKLOG_FETCH_WAIT_MS)
             .create()
             .map_err(|e| format!("creating a Kafka consumer: {e}"))?;
     assign(&consumer, &config.topic, partition, 0)

@@ -25,7 +25,9 @@ use crate::kafka::{
 };
 use crate::report::{key_for, Validator};
 
-/// The consumer group name of the resume reader (joined by no one).
+/// The consumer group of the resume reader (joined by no one: manual
+/// assignment) unless the producer's settings name one (`-X group.id`,
+/// for a group ACL).
 const RESUME_GROUP: &str = "weatherstream-producer";
 /// Records read back from the end of a partition at first, for its newest
 /// report; the window grows by [`WINDOW_GROWTH`] while it holds none
@@ -134,7 +136,8 @@ pub fn newest_dates(
     topic: &str,
     partitions: usize,
 ) -> anyhow::Result<Vec<Option<NaiveDate>>> {
-    let consumer: BaseConsumer = reading_config(settings, RESUME_GROUP, BACKLOG_FETCH_WAIT_MS)
+    let group = settings.get("group.id").unwrap_or(RESUME_GROUP);
+    let consumer: BaseConsumer = reading_config(settings, group, BACKLOG_FETCH_WAIT_MS)
         .set("enable.partition.eof", "true")
         .create()
         .context("creating a Kafka consumer to read the topic's newest reports")?;

@@ -159,9 +159,9 @@ fn main() -> ExitCode {
         }) => {
             let mut client = connection.client.settings();
             let group_id = group.resolve(&mut client);
-            client.set_owned("group.id", group_id);
             let config = VerifyConfig {
                 client,
+                group_id,
                 topic: connection.topic,
                 files_dir: folders.files_dir.clone(),
                 state_dir: folders.state_dir(),
@@ -205,31 +205,33 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut client = args.connection.client.settings();
     let group_id = args.group.resolve(&mut client);
-    let fetch_wait_ms = match args.fetch.fetch_wait_ms {
-        Some(ms) => ms,
-        None => match client.take("fetch.wait.max.ms") {
-            // librdkafka checked it is a number in its range.
-            Some(ms) => ms.parse().unwrap_or(consumer::DEFAULT_FETCH_WAIT_MS),
-            None => consumer::DEFAULT_FETCH_WAIT_MS,
-        },
-    };
-    let mut config = ConsumerConfig::new(
-        client,
-        args.connection.topic,
-        args.folders.files_dir.clone(),
-        args.folders.state_dir(),
-        args.partitions,
+    let fetch_wait_ms = cli::flag_over_parsed_property(
+        args.fetch.fetch_wait_ms,
+        &mut client,
+        "fetch.wait.max.ms",
+        consumer::DEFAULT_FETCH_WAIT_MS,
     );
-    config.max_batch = args.max_batch as usize;
-    config.batch_timeout_ms = args.batch_timeout_ms;
-    config.fetch_wait_ms = fetch_wait_ms;
-    config.group_id = group_id;
-    config.commit_group_offsets = !args.no_group_offsets;
-    config.metrics_addr = args.metrics_addr;
-    config.web = args.web.load();
-    if args.quiet {
-        config.progress_interval = None;
-    }
+    let config = ConsumerConfig {
+        max_batch: args.max_batch as usize,
+        batch_timeout_ms: args.batch_timeout_ms,
+        fetch_wait_ms,
+        group_id,
+        commit_group_offsets: !args.no_group_offsets,
+        metrics_addr: args.metrics_addr,
+        web: args.web.load(),
+        progress_interval: if args.quiet {
+            None
+        } else {
+            ConsumerConfig::DEFAULT_PROGRESS_INTERVAL
+        },
+        ..ConsumerConfig::new(
+            client,
+            args.connection.topic,
+            args.folders.files_dir.clone(),
+            args.folders.state_dir(),
+            args.partitions,
+        )
+    };
     let shutdown = args.stop.install("consumer")?;
     consumer::run(&config, &shutdown)
 }

@@ -47,9 +47,6 @@ use crate::log_limit::{suppressed_note, LogLimiter};
 /// reachable again" for a partition that receives nothing, and of the
 /// fetch request count.
 pub(super) const CLIENT_STATS_INTERVAL_MS: &str = "1000";
-/// The consumer group name of the partition clients (joined by no one:
-/// manual assignment).
-const READER_GROUP: &str = "weatherstream-consumer";
 /// How often the shared client's own queue (statistics, client-wide
 /// errors) is served.
 const SHARED_POLL_WAIT: Duration = Duration::from_millis(100);
@@ -202,7 +199,7 @@ pub(super) fn own_client(
 ) -> anyhow::Result<Client> {
     let client: Client = reading_config(
         &config.client,
-        READER_GROUP,
+        &config.group_id,
         config.fetch_wait_ms.min(BACKLOG_FETCH_WAIT_MS),
     )
     .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
@@ -225,7 +222,7 @@ pub(super) struct SharedClient {
 impl SharedClient {
     pub(super) fn start(config: &ConsumerConfig, context: Observed) -> anyhow::Result<Arc<Self>> {
         let consumer: Arc<Client> = Arc::new(
-            reading_config(&config.client, READER_GROUP, config.fetch_wait_ms)
+            reading_config(&config.client, &config.group_id, config.fetch_wait_ms)
                 .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
                 .create_with_context(context)
                 .context("creating the shared Kafka consumer")?,

@@ -116,7 +116,6 @@ impl GroupCommitter {
         topic: &str,
     ) -> anyhow::Result<Self> {
         let client: BaseConsumer<CommitReporter> = manual_assign_config(settings, group)
-            .set("group.id", group)
             .create_with_context(CommitReporter {
                 group: group.to_string(),
                 failures: Mutex::new(LogLimiter::new(FAILURE_LOG_INTERVAL)),

@@ -66,8 +66,6 @@ pub const DEFAULT_FETCH_WAIT_MS: u64 = 500;
 /// fails is told at once, so this is only reached by an exporter that
 /// hangs (and the shutdown deadline ends the process then anyway).
 const STOP_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Progress lines, by default.
-const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What `consumer` is asked to do.
 #[derive(Debug, Clone)]
@@ -94,22 +92,40 @@ pub struct ConsumerConfig {
     pub metrics_addr: Option<String>,
     /// TLS and basic auth of the metrics endpoint; None: plain HTTP.
     pub web: Option<Arc<WebConfig>>,
-    /// The consumer group of every client, where each committed batch's
-    /// next offset is committed for Kafka's tools (never read back).
+    /// The consumer group of every client (one group ACL covers them),
+    /// where each committed batch's next offset is committed for Kafka's
+    /// tools (never read back). Never in `client` as well.
     pub group_id: String,
     /// Commit offsets to `group_id`.
     pub commit_group_offsets: bool,
 }
 
 impl ConsumerConfig {
-    /// Defaults for everything but the connection, folders and partitions.
+    /// Progress lines, by default.
+    pub const DEFAULT_PROGRESS_INTERVAL: Option<Duration> = Some(Duration::from_secs(10));
+
+    /// Defaults for everything but the connection, folders and partitions;
+    /// set the rest in the same expression (`ConsumerConfig { max_batch:
+    /// 1, ..ConsumerConfig::new(..) }`). The settings' `group.id` and
+    /// `fetch.wait.max.ms` become [`ConsumerConfig::group_id`] and
+    /// [`ConsumerConfig::fetch_wait_ms`] and leave `client`: each setting
+    /// has one value, which every client is made from.
     pub fn new(
-        client: ClientSettings,
+        mut client: ClientSettings,
         topic: impl Into<String>,
         files_dir: PathBuf,
         state_dir: PathBuf,
         partitions: Vec<PartitionId>,
     ) -> Self {
+        let group_id = client
+            .take("group.id")
+            .unwrap_or_else(|| DEFAULT_GROUP_ID.to_string());
+        // librdkafka checks the number when a client is made: a setting
+        // that does not parse here would fail there too.
+        let fetch_wait_ms = client
+            .take("fetch.wait.max.ms")
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(DEFAULT_FETCH_WAIT_MS);
         ConsumerConfig {
             client,
             topic: topic.into(),
@@ -118,13 +134,13 @@ impl ConsumerConfig {
             partitions,
             max_batch: 10_000,
             batch_timeout_ms: 100,
-            fetch_wait_ms: DEFAULT_FETCH_WAIT_MS,
+            fetch_wait_ms,
             verify_interval: DEFAULT_VERIFY_INTERVAL,
-            progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
+            progress_interval: Self::DEFAULT_PROGRESS_INTERVAL,
             render_chart: true,
             metrics_addr: None,
             web: None,
-            group_id: DEFAULT_GROUP_ID.to_string(),
+            group_id,
             commit_group_offsets: true,
         }
     }
@@ -198,12 +214,6 @@ pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
 /// Runs the consumer until shutdown; returns the first worker error.
 pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
-    // Every client of the process carries the group id: one group ACL.
-    let config = &{
-        let mut config = config.clone();
-        config.client.set_owned("group.id", config.group_id.clone());
-        config
-    };
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
     let _metrics_server = match &config.metrics_addr {

@@ -302,13 +302,7 @@ fn adopt_newer_file(
         );
         return Ok(());
     };
-    let probe = verify::RecordProbe::new(
-        &config.client,
-        &config.topic,
-        partition,
-        probe_context,
-        shutdown,
-    )?;
+    let probe = verify::RecordProbe::new(config, partition, probe_context, shutdown)?;
     let questions = [
         CheckRequest {
             expected: vec![expected],
@@ -484,17 +478,19 @@ mod tests {
     fn one_partition_stops_and_starts_again_while_the_others_run() {
         let (_broker, servers) = mock_broker();
         let dir = tempfile::tempdir().unwrap();
-        let mut config = ConsumerConfig::new(
-            ClientSettings::plaintext(&servers),
-            TOPIC,
-            dir.path().to_path_buf(),
-            dir.path().join("state"),
-            vec![0, 1, 2],
-        );
-        // The mock broker holds an empty fetch for the whole wait.
-        config.fetch_wait_ms = 5;
-        config.progress_interval = None;
-        config.commit_group_offsets = false;
+        let config = ConsumerConfig {
+            // The mock broker holds an empty fetch for the whole wait.
+            fetch_wait_ms: 5,
+            progress_interval: None,
+            commit_group_offsets: false,
+            ..ConsumerConfig::new(
+                ClientSettings::plaintext(&servers),
+                TOPIC,
+                dir.path().to_path_buf(),
+                dir.path().join("state"),
+                vec![0, 1, 2],
+            )
+        };
         std::fs::create_dir_all(&config.state_dir).unwrap();
         for partition in [0, 1, 2] {
             produce(&servers, partition, 0, 50);

@@ -16,12 +16,11 @@ use rdkafka::message::Message;
 
 use super::clients::{needs_verification, Client, Observed, CLIENT_STATS_INTERVAL_MS};
 use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
-use crate::kafka::{assign, manual_assign_config, ClientSettings, Offset, PartitionId};
+use super::ConsumerConfig;
+use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
 use crate::shutdown::Shutdown;
 use crate::snapshot::Fingerprint;
 
-/// The probe's consumer group name (joined by no one: manual assignment).
-const PROBE_GROUP: &str = "weatherstream-probe";
 /// Longest one poll of a probe waits: how soon shutdown ends a probe.
 const PROBE_POLL_WAIT: Duration = Duration::from_millis(100);
 /// Longest a metadata request of the probe waits.
@@ -57,13 +56,13 @@ pub(super) struct RecordProbe {
 
 impl RecordProbe {
     pub(super) fn new(
-        client: &ClientSettings,
-        topic: &str,
+        config: &ConsumerConfig,
         partition: PartitionId,
         context: Observed,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let consumer = manual_assign_config(client, PROBE_GROUP)
+        let topic = config.topic.as_str();
+        let consumer = manual_assign_config(&config.client, &config.group_id)
             .set("enable.partition.eof", "true")
             // A probe reads records that exist and then the end of the log:
             // a short wait ends it promptly on brokers that hold an empty
@@ -286,13 +285,12 @@ pub(super) struct Verifier {
 
 impl Verifier {
     pub(super) fn spawn(
-        client: &ClientSettings,
-        topic: &str,
+        config: &ConsumerConfig,
         partition: PartitionId,
         context: Observed,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let probe = RecordProbe::new(client, topic, partition, context, shutdown)?;
+        let probe = RecordProbe::new(config, partition, context, shutdown)?;
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
         let shutdown = shutdown.clone();

@@ -186,8 +186,7 @@ impl PartitionWorker {
     /// last committed snapshot. The state is released when this returns.
     pub(super) fn run(mut self) -> anyhow::Result<Arc<Snapshot>> {
         let verifier = Verifier::spawn(
-            &self.config.client,
-            &self.config.topic,
+            &self.config,
             self.partition(),
             self.observed(format!("verify-{}", self.partition())),
             &self.shutdown,
