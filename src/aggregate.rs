@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(feb.avg(), 1.5);
     }
 
-    /// Committed statistics of March 2000 only, from day `first` to `last`.
+    /// CommittedSnapshot statistics of March 2000 only, from day `first` to `last`.
     fn march_2000(count: u64, sum: f64, first: u32, last: u32) -> Aggregates {
         let day = |d| NaiveDate::from_ymd_opt(2000, 3, d).unwrap();
         Aggregates::from([(

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 
 use crate::kafka::{check_connection, client_config, ClientSettings, SetDefault};
-use crate::pyfmt::{bytes_repr, float_repr, str_repr};
+use crate::python_repr::{bytes_repr, float_repr, str_repr};
 use crate::report;
 use crate::shutdown::Shutdown;
 

@@ -27,7 +27,7 @@ const CHART_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// At most one "cannot write" line per this while writes keep failing.
 const WRITE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Committed snapshots in flight to the exporter. Workers block when it is
+/// CommittedSnapshot snapshots in flight to the exporter. Workers block when it is
 /// full, which only happens if the disk stalls: the exporter coalesces
 /// whatever it receives, so a small bound costs nothing.
 const CHANNEL_CAPACITY: usize = 256;
@@ -95,7 +95,7 @@ fn thread_cpu_time() -> Option<Duration> {
 }
 
 /// A committed snapshot, sent to the exporter.
-pub struct Committed {
+pub struct CommittedSnapshot {
     pub snapshot: Arc<Snapshot>,
     /// More is waiting in the log (the partition is catching up): its
     /// publishes may be spaced by their cost, as a newer snapshot follows
@@ -104,10 +104,10 @@ pub struct Committed {
     pub backlog: bool,
 }
 
-impl Committed {
+impl CommittedSnapshot {
     /// A snapshot to publish as soon as the minimum interval allows.
     pub fn current(snapshot: Arc<Snapshot>) -> Self {
-        Committed {
+        CommittedSnapshot {
             snapshot,
             backlog: false,
         }
@@ -116,7 +116,7 @@ impl Committed {
 
 /// What the exporter is sent.
 enum Export {
-    Committed(Committed),
+    CommittedSnapshot(CommittedSnapshot),
     /// The partition stops in this process: publish this, its last
     /// snapshot, now, forget the partition (from then on the chart reads
     /// its file), and answer.
@@ -137,9 +137,9 @@ pub(crate) struct ExporterStopped;
 
 impl ToExporter {
     /// Hands a committed snapshot over; it is published when due.
-    pub(crate) fn publish(&self, committed: Committed) -> Result<(), ExporterStopped> {
+    pub(crate) fn publish(&self, committed: CommittedSnapshot) -> Result<(), ExporterStopped> {
         self.0
-            .send(Export::Committed(committed))
+            .send(Export::CommittedSnapshot(committed))
             .map_err(|_| ExporterStopped)
     }
 
@@ -284,7 +284,7 @@ impl ExportLoop {
 
     fn take(&mut self, message: Export) {
         match message {
-            Export::Committed(committed) => self.accept(committed),
+            Export::CommittedSnapshot(committed) => self.accept(committed),
             Export::Release { snapshot, done } => {
                 // The caller may have given up waiting: nothing to tell then.
                 let _ = done.send(self.release(snapshot));
@@ -297,7 +297,7 @@ impl ExportLoop {
     /// retried: the partition is no longer this process's to publish.
     fn release(&mut self, snapshot: Arc<Snapshot>) -> Result<(), String> {
         let partition = snapshot.partition;
-        self.accept(Committed::current(snapshot));
+        self.accept(CommittedSnapshot::current(snapshot));
         let result = match self.pending.remove(&partition) {
             Some((snapshot, _)) => self.write(partition, &snapshot),
             // Already published, or something newer was.
@@ -328,8 +328,8 @@ impl ExportLoop {
         wake
     }
 
-    fn accept(&mut self, committed: Committed) {
-        let Committed { snapshot, backlog } = committed;
+    fn accept(&mut self, committed: CommittedSnapshot) {
+        let CommittedSnapshot { snapshot, backlog } = committed;
         let partition = snapshot.partition;
         let newer = |s: &Snapshot, than: (u64, Offset)| (s.epoch, s.next_offset) >= than;
         if let Some(&done) = self.published.get(&partition) {
@@ -474,15 +474,15 @@ mod tests {
             let text = std::fs::read_to_string(partition_file(dir.path(), 0)).unwrap();
             parse_partition_json(&text).unwrap().offset
         };
-        exporter.accept(Committed::current(snap(0, 10)));
-        exporter.accept(Committed::current(snap(0, 5)));
+        exporter.accept(CommittedSnapshot::current(snap(0, 10)));
+        exporter.accept(CommittedSnapshot::current(snap(0, 5)));
         exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 10);
-        exporter.accept(Committed::current(snap(0, 7)));
+        exporter.accept(CommittedSnapshot::current(snap(0, 7)));
         exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 10);
         // A reset (new epoch) may go back to 0.
-        exporter.accept(Committed::current(snap(1, 0)));
+        exporter.accept(CommittedSnapshot::current(snap(1, 0)));
         exporter.publish_due(true);
         assert_eq!(offset_on_disk(), 0);
     }
@@ -515,19 +515,19 @@ mod tests {
                 cpu_average: Duration::from_micros(100),
             },
         );
-        exporter.accept(Committed {
+        exporter.accept(CommittedSnapshot {
             snapshot: snap(1),
             backlog: true,
         });
         assert_eq!(exporter.pending[&0].1, ended + Duration::from_millis(200));
         // Another full batch keeps the wait; a batch that drained the
         // backlog is published at the minimum interval.
-        exporter.accept(Committed {
+        exporter.accept(CommittedSnapshot {
             snapshot: snap(2),
             backlog: true,
         });
         assert_eq!(exporter.pending[&0].1, ended + Duration::from_millis(200));
-        exporter.accept(Committed::current(snap(3)));
+        exporter.accept(CommittedSnapshot::current(snap(3)));
         assert_eq!(exporter.pending[&0].0.next_offset, 3);
         assert_eq!(exporter.pending[&0].1, ended + MIN_PUBLISH_INTERVAL);
         // A caught-up partition whose publish cost 2 ms of CPU (centuries
@@ -541,10 +541,10 @@ mod tests {
                 cpu_average: Duration::from_millis(2),
             },
         );
-        exporter.accept(Committed::current(snap(4)));
+        exporter.accept(CommittedSnapshot::current(snap(4)));
         assert_eq!(exporter.pending[&0].1, ended + Duration::from_millis(200));
         // The first publish of a partition waits for nothing.
-        exporter.accept(Committed {
+        exporter.accept(CommittedSnapshot {
             snapshot: empty_snapshot(1, 0, 1),
             backlog: true,
         });
@@ -576,7 +576,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("not-yet");
         let mut exporter = ExportLoop::new(folders(&missing, &dir.path().join("state")), false);
-        exporter.accept(Committed::current(Arc::new(Snapshot {
+        exporter.accept(CommittedSnapshot::current(Arc::new(Snapshot {
             partition: 3,
             epoch: 0,
             next_offset: 4,
@@ -614,7 +614,7 @@ mod tests {
         let exporter = Exporter::start(export).unwrap();
         exporter
             .sender()
-            .publish(Committed::current(empty_snapshot(0, 0, 1)))
+            .publish(CommittedSnapshot::current(empty_snapshot(0, 0, 1)))
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !DRAWING.load(std::sync::atomic::Ordering::SeqCst) {

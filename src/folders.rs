@@ -99,6 +99,23 @@ pub(crate) fn partition_files(files_dir: &Path) -> io::Result<Vec<(PartitionId, 
     numbered(files_dir, "partition-", ".json", Kind::File)
 }
 
+/// `partitions`, or, when none are named, every partition with a state
+/// folder in `state_dir` (an error when there is none).
+pub(crate) fn requested_partitions(
+    state_dir: &Path,
+    partitions: &[PartitionId],
+) -> anyhow::Result<Vec<PartitionId>> {
+    if !partitions.is_empty() {
+        return Ok(partitions.to_vec());
+    }
+    let found = state_partitions(state_dir)
+        .map_err(|e| anyhow::anyhow!("listing {}: {e}", state_dir.display()))?;
+    if found.is_empty() {
+        anyhow::bail!("no partition state in {}", state_dir.display());
+    }
+    Ok(found)
+}
+
 /// The partitions with a state folder in `state_dir`, ascending.
 pub(crate) fn state_partitions(state_dir: &Path) -> io::Result<Vec<PartitionId>> {
     Ok(numbered(state_dir, "partition-", "", Kind::Folder)?

@@ -262,11 +262,11 @@ pub struct TopicAdmin {
 /// that no retry fixes, or the last reason of one that may pass.
 #[derive(Default)]
 struct ConnectWatch {
-    heard: std::sync::Mutex<Heard>,
+    heard: std::sync::Mutex<ConnectProblems>,
 }
 
 #[derive(Default)]
-struct Heard {
+struct ConnectProblems {
     fatal: Option<ConnectFailure>,
     last_reason: Option<String>,
 }

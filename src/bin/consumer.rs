@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
 use weatherstream::kafka::PartitionId;
-use weatherstream::recount::{self, VerifyConfig};
-use weatherstream::{cli, tools};
+use weatherstream::verify::{self, VerifyConfig};
+use weatherstream::{cli, export, inspect};
 
 /// Keeps exactly-once month/year statistics of the given partitions and
 /// publishes them as partition-N.json (and month.svg) in the files folder.
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
         Some(Command::Export {
             partitions,
             folders,
-        }) => tools::export(&folders.files_dir, &folders.state_dir(), &partitions),
+        }) => export::run(&folders.files_dir, &folders.state_dir(), &partitions),
         Some(Command::Verify {
             partitions,
             connection,
@@ -167,7 +167,7 @@ fn main() -> ExitCode {
                 state_dir: folders.state_dir(),
                 partitions,
             };
-            match recount::run(&config, &mut std::io::stdout().lock()) {
+            match verify::run(&config, &mut std::io::stdout().lock()) {
                 Ok(true) => Ok(()),
                 Ok(false) => return ExitCode::FAILURE,
                 Err(error) => Err(error),
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
             partitions,
             json,
             folders,
-        }) => tools::inspect_state(
+        }) => inspect::run(
             &folders.files_dir,
             &folders.state_dir(),
             &partitions,

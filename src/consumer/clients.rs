@@ -15,14 +15,14 @@
 //!   fetch for the whole `fetch.wait.max.ms`, one request per wait instead
 //!   of one per partition per wait.
 //!
-//! Every client carries an [`Observed`] context: from librdkafka's
+//! Every client carries an [`ClientObserver`] context: from librdkafka's
 //! statistics (every second) it tells the process's [`BrokerLink`] when a
 //! broker connection is up, counts the fetch requests the client sent into
 //! `weatherstream_fetch_requests_total`, and keeps the count of broker
 //! responses that the silence rule of the machine asks for.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ use crate::kafka::{
     assign, cached_high_watermark, reading_config, Offset, PartitionId, BACKLOG_FETCH_WAIT_MS,
 };
 use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::shutdown::Shutdown;
 
 /// How often a client reports its statistics: the source of "broker
 /// reachable again" for a partition that receives nothing, and of the
@@ -54,7 +55,7 @@ const SHARED_POLL_WAIT: Duration = Duration::from_millis(100);
 const SHARED_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The context of every client of the consumer; see the module comment.
-pub(crate) struct Observed {
+pub(crate) struct ClientObserver {
     link: Arc<BrokerLink>,
     fetch_requests: IntCounter,
     /// Fetch requests this client had sent at its last statistics.
@@ -64,9 +65,9 @@ pub(crate) struct Observed {
     responses_seen: AtomicU64,
 }
 
-impl Observed {
+impl ClientObserver {
     pub(crate) fn new(link: Arc<BrokerLink>, fetch_requests: IntCounter) -> Self {
-        Observed {
+        ClientObserver {
             link,
             fetch_requests,
             fetches_seen: AtomicU64::new(0),
@@ -101,7 +102,7 @@ struct BrokerStats {
     req: HashMap<String, u64>,
 }
 
-impl ClientContext for Observed {
+impl ClientContext for ClientObserver {
     fn stats_raw(&self, statistics: &[u8]) {
         let Ok(stats) = serde_json::from_slice::<ClientStats>(statistics) else {
             log::debug!("unreadable librdkafka statistics");
@@ -128,9 +129,9 @@ impl ClientContext for Observed {
     }
 }
 
-impl ConsumerContext for Observed {}
+impl ConsumerContext for ClientObserver {}
 
-pub(super) type Client = BaseConsumer<Observed>;
+pub(super) type Client = BaseConsumer<ClientObserver>;
 
 /// Errors after which the stored offset must be checked against the topic.
 /// Since librdkafka 2.5 fetches by topic id, a deleted topic can also show
@@ -195,7 +196,7 @@ pub(super) fn own_client(
     config: &ConsumerConfig,
     partition: PartitionId,
     offset: Offset,
-    context: Observed,
+    context: ClientObserver,
 ) -> anyhow::Result<Client> {
     let client: Client = reading_config(
         &config.client,
@@ -215,19 +216,22 @@ pub(super) fn own_client(
 pub(super) struct SharedClient {
     consumer: Arc<Client>,
     topic: String,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     poller: Option<JoinHandle<()>>,
 }
 
 impl SharedClient {
-    pub(super) fn start(config: &ConsumerConfig, context: Observed) -> anyhow::Result<Arc<Self>> {
+    pub(super) fn start(
+        config: &ConsumerConfig,
+        context: ClientObserver,
+    ) -> anyhow::Result<Arc<Self>> {
         let consumer: Arc<Client> = Arc::new(
             reading_config(&config.client, &config.group_id, config.fetch_wait_ms)
                 .set("statistics.interval.ms", CLIENT_STATS_INTERVAL_MS)
                 .create_with_context(context)
                 .context("creating the shared Kafka consumer")?,
         );
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new();
         let poller = {
             let (consumer, stop) = (consumer.clone(), stop.clone());
             crate::shutdown::spawn("kafka-shared", move || serve_own_queue(&consumer, &stop))
@@ -249,7 +253,7 @@ impl SharedClient {
         self: &Arc<Self>,
         partition: PartitionId,
         offset: Offset,
-    ) -> anyhow::Result<Followed> {
+    ) -> anyhow::Result<SharedQueue> {
         let queue = self
             .consumer
             .split_partition_queue(&self.topic, partition)
@@ -259,7 +263,7 @@ impl SharedClient {
         self.consumer
             .incremental_assign(&list)
             .context("assigning the partition to the shared client")?;
-        Ok(Followed {
+        Ok(SharedQueue {
             queue,
             shared: self.clone(),
             partition,
@@ -269,7 +273,7 @@ impl SharedClient {
 
 impl Drop for SharedClient {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.request();
         if let Some(poller) = self.poller.take() {
             let _ = poller.join();
         }
@@ -278,9 +282,9 @@ impl Drop for SharedClient {
 
 /// Serves the shared client's own queue until `stop`: statistics arrive
 /// through it, and errors that concern no one partition.
-fn serve_own_queue(consumer: &Client, stop: &AtomicBool) {
+fn serve_own_queue(consumer: &Client, stop: &Shutdown) {
     let mut errors = LogLimiter::new(SHARED_ERROR_LOG_INTERVAL);
-    while !stop.load(Ordering::SeqCst) {
+    while !stop.requested() {
         match consumer.poll(SHARED_POLL_WAIT) {
             None => {}
             // Only a queue that was not split yet can end up here; the
@@ -299,13 +303,13 @@ fn serve_own_queue(consumer: &Client, stop: &AtomicBool) {
 
 /// A partition followed by the shared client; dropping it unassigns the
 /// partition there.
-pub(super) struct Followed {
-    queue: PartitionQueue<Observed>,
+pub(super) struct SharedQueue {
+    queue: PartitionQueue<ClientObserver>,
     shared: Arc<SharedClient>,
     partition: PartitionId,
 }
 
-impl Drop for Followed {
+impl Drop for SharedQueue {
     fn drop(&mut self) {
         let mut list = TopicPartitionList::new();
         list.add_partition(&self.shared.topic, self.partition);
@@ -321,7 +325,7 @@ impl Drop for Followed {
 /// Where a worker reads its partition from: see the module comment.
 pub(super) enum Reader {
     Own(Client),
-    Shared(Followed),
+    Shared(SharedQueue),
 }
 
 impl Reader {

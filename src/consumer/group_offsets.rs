@@ -17,7 +17,7 @@
 //! nothing (manual assignment), so the group shows as Empty, with offsets.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use rdkafka::TopicPartitionList;
 
 use crate::kafka::{manual_assign_config, ClientSettings, Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::shutdown::Shutdown;
 
 /// Failed commits: one warning, then at most one per this.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(300);
@@ -103,7 +104,7 @@ impl ConsumerContext for CommitReporter {}
 /// left and joins it.
 pub(crate) struct GroupCommitter {
     offsets: Arc<GroupOffsets>,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     thread: Option<JoinHandle<()>>,
     /// Closed by the thread when it ends.
     ended: Receiver<()>,
@@ -126,7 +127,7 @@ impl GroupCommitter {
             pending: Mutex::new(BTreeMap::new()),
             wake,
         });
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new();
         let (end, ended) = crossbeam_channel::bounded::<()>(0);
         let thread = {
             let (offsets, stop, topic) = (offsets.clone(), stop.clone(), topic.to_string());
@@ -159,7 +160,7 @@ impl Drop for GroupCommitter {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.request();
         let _ = self.offsets.wake.try_send(());
         match self.ended.recv_timeout(FINAL_COMMIT_WAIT) {
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::warn!(
@@ -183,7 +184,7 @@ fn commit_loop(
     client: &BaseConsumer<CommitReporter>,
     offsets: &GroupOffsets,
     woken: &Receiver<()>,
-    stop: &AtomicBool,
+    stop: &Shutdown,
     topic: &str,
 ) {
     let mut newest = BTreeMap::new();
@@ -191,7 +192,7 @@ fn commit_loop(
     let mut retry_at: Option<Instant> = None;
     loop {
         let _ = woken.recv_timeout(RETRY_AFTER_FAILURE);
-        let stopping = stop.load(Ordering::Relaxed);
+        let stopping = stop.requested();
         let taken = offsets.take();
         dirty |= !taken.is_empty();
         newest.extend(taken);

@@ -13,7 +13,7 @@
 //!   re-created. Whenever something says so (an offset out of range, an
 //!   unknown partition, a report older than the statistics, the last counted
 //!   record read again with different bytes), reading is held until the
-//!   verifier has compared stored fingerprints with the topic. "Gone" resets
+//!   rechecker has compared stored fingerprints with the topic. "Gone" resets
 //!   the partition to offset 0, with one warning; "undecided" asks again and
 //!   never resets. A routine check also runs beside reading every
 //!   `verify_interval` while records are counted (not while idle: a
@@ -38,7 +38,7 @@ use crate::state::BatchCommit;
 
 /// How far before an offset a re-read starts, step by step, when the broker
 /// does not serve the offset itself; the last step reads from the start of
-/// the log. The verifier's record probe climbs the same ladder.
+/// the log. The rechecker's record probe climbs the same ladder.
 pub(crate) const READ_BACK_STEPS: [Offset; 4] = [1_000, 10_000, 100_000, Offset::MAX];
 
 /// At most this many re-reads per partition per [`REREAD_WINDOW`] (two
@@ -97,7 +97,7 @@ pub(crate) struct Limits {
     pub(crate) verify_interval: Duration,
 }
 
-/// A question for the verifier: does the topic still hold these records?
+/// A question for the rechecker: does the topic still hold these records?
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct CheckRequest {
     pub(crate) expected: Vec<Fingerprint>,
@@ -108,7 +108,7 @@ pub(crate) struct CheckRequest {
     pub(crate) last_record: Option<Fingerprint>,
 }
 
-/// The verifier's answer.
+/// The rechecker's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum CheckOutcome {
     /// Every record is there: the stored offset belongs to this topic.
@@ -184,7 +184,7 @@ pub(crate) enum Event {
         high_watermark: Option<Offset>,
         broker_responses: u64,
     },
-    /// The verifier answered.
+    /// The rechecker answered.
     Verdict(CheckOutcome),
 }
 
@@ -199,9 +199,9 @@ pub(crate) enum Action {
     /// offset with the process's shared client, which fetches every such
     /// partition in one request (the partition's own client is dropped).
     Follow,
-    /// Send this question to the verifier.
+    /// Send this question to the rechecker.
     Ask(CheckRequest),
-    /// Wait for the verifier's answer and hand it back as an event; reading
+    /// Wait for the rechecker's answer and hand it back as an event; reading
     /// stays held meanwhile.
     AwaitVerdict,
     Pause(Duration),
@@ -245,7 +245,7 @@ enum Phase {
     Reading,
     Held {
         suspicion: Suspicion,
-        /// Our question is with the verifier.
+        /// Our question is with the rechecker.
         asked: bool,
     },
 }
@@ -353,7 +353,7 @@ pub(crate) struct PartitionMachine {
     limits: Limits,
     committed: Arc<Snapshot>,
     phase: Phase,
-    /// A routine check is with the verifier while reading goes on.
+    /// A routine check is with the rechecker while reading goes on.
     routine_asked: bool,
     last_check: Instant,
     /// The last counted record as of the last check that found it in the

@@ -14,7 +14,7 @@
 //!   when to read again from earlier offsets, which client reads);
 //! - [`worker`]: the I/O shell that carries the decisions out (librdkafka
 //!   client, sled commit, exporter hand-off);
-//! - [`verify`]: the verifier thread and its record probe, which tell
+//! - [`verify`]: the rechecker thread and its record probe, which tell
 //!   whether stored fingerprints are still in the topic.
 //!
 //! [`clients`] owns the Kafka clients the workers read with: one of a
@@ -25,8 +25,8 @@ mod clients;
 mod group_offsets;
 mod machine;
 mod partition;
+mod recheck;
 mod stall;
-mod verify;
 mod worker;
 
 use std::path::PathBuf;

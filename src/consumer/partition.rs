@@ -16,14 +16,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 
-use super::clients::{Observed, SharedClient};
+use super::clients::{ClientObserver, SharedClient};
 use super::group_offsets::GroupCommitter;
 use super::machine::{CheckOutcome, CheckRequest};
 use super::worker::{PartitionWorker, WorkerSetup};
-use super::{verify, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
+use super::{recheck, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
 use crate::aggregate::Aggregates;
 use crate::broker_link::BrokerLink;
-use crate::exporter::{Committed, Exporter, ToExporter};
+use crate::exporter::{CommittedSnapshot, Exporter, ToExporter};
 use crate::folders::{self, partition_file, Folders};
 use crate::kafka::PartitionId;
 use crate::metrics::{Metrics, PartitionMetrics};
@@ -78,7 +78,7 @@ impl Pipeline {
         ));
         let shared = SharedClient::start(
             config,
-            Observed::new(link.clone(), metrics.fetch_requests("shared")),
+            ClientObserver::new(link.clone(), metrics.fetch_requests("shared")),
         )?;
         let group = if config.commit_group_offsets {
             Some(GroupCommitter::start(
@@ -110,7 +110,7 @@ impl Pipeline {
         let Claimed { mut state } = claimed;
         let config = &self.config;
         let partition = state.snapshot().partition;
-        let probe_context = Observed::new(
+        let probe_context = ClientObserver::new(
             self.link.clone(),
             self.metrics.fetch_requests(&format!("verify-{partition}")),
         );
@@ -121,7 +121,7 @@ impl Pipeline {
         }
         let progress = Arc::new(Progress::new(&snapshot));
         let exporter = self.exporter.sender();
-        exporter.publish(Committed::current(snapshot))?;
+        exporter.publish(CommittedSnapshot::current(snapshot))?;
         let stop = self.shutdown.child();
         let worker = PartitionWorker::new(
             state,
@@ -250,7 +250,7 @@ fn open_or_move_aside(state_dir: &Path, partition: PartitionId) -> anyhow::Resul
 fn adopt_newer_file(
     config: &ConsumerConfig,
     state: &mut PartitionState,
-    probe_context: Observed,
+    probe_context: ClientObserver,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     let snapshot = state.snapshot();
@@ -302,7 +302,7 @@ fn adopt_newer_file(
         );
         return Ok(());
     };
-    let probe = verify::RecordProbe::new(config, partition, probe_context, shutdown)?;
+    let probe = recheck::RecordProbe::new(config, partition, probe_context, shutdown)?;
     let questions = [
         CheckRequest {
             expected: vec![expected],
@@ -317,7 +317,7 @@ fn adopt_newer_file(
     ];
     for question in &questions {
         loop {
-            match verify::check_records(&probe, question, shutdown)? {
+            match recheck::check_records(&probe, question, shutdown)? {
                 CheckOutcome::Current { .. } => break,
                 CheckOutcome::Gone { offset } => {
                     log::warn!(
@@ -349,7 +349,7 @@ fn adopt_newer_file(
 fn reconcile_at_start(
     config: &ConsumerConfig,
     state: &mut PartitionState,
-    probe_context: Observed,
+    probe_context: ClientObserver,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     if state.is_initialized() {

@@ -1,11 +1,11 @@
 //! The partition worker's I/O shell (thread `partition-N`): it owns the
 //! partition's [`Reader`] (a client of its own, or its queue of the shared
-//! client), its sled state and its verifier, feeds what they report to the
+//! client), its sled state and its rechecker, feeds what they report to the
 //! [`PartitionMachine`] and carries out the actions it returns: commit a
 //! batch (statistics, counters, fingerprint and next offset in one
 //! transaction), hand the committed snapshot to the exporter, read from an
 //! offset with a fresh client or follow with the shared one, ask the
-//! verifier, reset the partition. Every decision lives in the machine; this
+//! rechecker, reset the partition. Every decision lives in the machine; this
 //! module only does what it says.
 
 use std::collections::VecDeque;
@@ -18,17 +18,17 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::clients::{
-    is_outage, is_reconnect, needs_verification, own_client, undecodable, Observed, Reader,
+    is_outage, is_reconnect, needs_verification, own_client, undecodable, ClientObserver, Reader,
     SharedClient,
 };
 use super::group_offsets::GroupOffsets;
 use super::machine::{
     Action, Event, Flow, Limits, PartitionMachine, PollError, Record, StorageRetry,
 };
-use super::verify::Verifier;
+use super::recheck::Rechecker;
 use super::{ConsumerConfig, Progress};
 use crate::broker_link::BrokerLink;
-use crate::exporter::{Committed, ToExporter};
+use crate::exporter::{CommittedSnapshot, ToExporter};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{BatchCounts, Metrics, PartitionMetrics};
@@ -185,7 +185,7 @@ impl PartitionWorker {
     /// Runs until the partition's stop (or the process's); returns the
     /// last committed snapshot. The state is released when this returns.
     pub(super) fn run(mut self) -> anyhow::Result<Arc<Snapshot>> {
-        let verifier = Verifier::spawn(
+        let rechecker = Rechecker::spawn(
             &self.config,
             self.partition(),
             self.observed(format!("verify-{}", self.partition())),
@@ -193,12 +193,12 @@ impl PartitionWorker {
         )?;
         let mut last_lag = Instant::now();
         while !self.shutdown.requested() {
-            let event = match verifier.poll() {
+            let event = match rechecker.poll() {
                 Some(outcome) => Event::Verdict(outcome?),
                 None => Event::Tick,
             };
             let actions = self.machine.handle(event, Instant::now());
-            self.execute(actions, &verifier)?;
+            self.execute(actions, &rechecker)?;
             if !self.machine.is_reading() {
                 continue;
             }
@@ -218,14 +218,14 @@ impl PartitionWorker {
                 }
             }
             let actions = self.machine.handle(end, Instant::now());
-            self.execute(actions, &verifier)?;
+            self.execute(actions, &rechecker)?;
         }
         Ok(self.state.snapshot())
     }
 
     /// Carries out the machine's actions in order; a verdict awaited on the
     /// way adds the actions it calls for.
-    fn execute(&mut self, actions: Vec<Action>, verifier: &Verifier) -> anyhow::Result<()> {
+    fn execute(&mut self, actions: Vec<Action>, rechecker: &Rechecker) -> anyhow::Result<()> {
         let mut queue = VecDeque::from(actions);
         while let Some(action) = queue.pop_front() {
             match action {
@@ -234,15 +234,15 @@ impl PartitionWorker {
                     self.read_from(offset)?;
                 }
                 Action::Follow => self.follow(),
-                Action::Ask(request) => verifier.ask(request)?,
+                Action::Ask(request) => rechecker.ask(request)?,
                 Action::AwaitVerdict => {
-                    let Some(outcome) = verifier.wait() else {
-                        // Shutdown ends a verifier; anything else is a bug,
+                    let Some(outcome) = rechecker.wait() else {
+                        // Shutdown ends a rechecker; anything else is a bug,
                         // and waiting again would spin.
                         if self.shutdown.requested() {
                             return Ok(());
                         }
-                        return Err(anyhow!("the verifier thread stopped"));
+                        return Err(anyhow!("the rechecker thread stopped"));
                     };
                     queue.extend(self.machine.handle(Event::Verdict(outcome?), Instant::now()));
                 }
@@ -280,9 +280,9 @@ impl PartitionWorker {
                     self.tell_group(&snapshot);
                     self.metrics.reset();
                     self.machine.set_committed(snapshot.clone());
-                    self.publish(Committed::current(snapshot))?;
+                    self.publish(CommittedSnapshot::current(snapshot))?;
                 }
-                Action::Publish { backlog } => self.publish(Committed {
+                Action::Publish { backlog } => self.publish(CommittedSnapshot {
                     snapshot: self.state.snapshot(),
                     backlog,
                 })?,
@@ -320,8 +320,8 @@ impl PartitionWorker {
     }
 
     /// A context for a new client, counting its fetch requests as `client`.
-    fn observed(&self, client: String) -> Observed {
-        Observed::new(self.link.clone(), self.all_metrics.fetch_requests(&client))
+    fn observed(&self, client: String) -> ClientObserver {
+        ClientObserver::new(self.link.clone(), self.all_metrics.fetch_requests(&client))
     }
 
     /// Reads on from `offset` with a new client of the partition's own.
@@ -552,7 +552,7 @@ impl PartitionWorker {
         self.metrics.set_storage_stalled(stalled);
     }
 
-    fn publish(&self, committed: Committed) -> anyhow::Result<()> {
+    fn publish(&self, committed: CommittedSnapshot) -> anyhow::Result<()> {
         Ok(self.exporter.publish(committed)?)
     }
 }

@@ -1,86 +1,20 @@
-//! Offline views of the consumer's state: `consumer export` (re-publish
-//! partition files and month.svg from sled, without Kafka) and `consumer
-//! inspect-state` (what each partition's state holds). Both go through the
-//! state module's API; a partition held by a running consumer is never
-//! opened behind its back.
+//! `consumer inspect-state`: what each partition's state holds, as a table
+//! or as JSON. A partition held by a running consumer is shown from its
+//! last published file, labelled live, never opened behind its back.
 
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use chrono::TimeZone;
 use serde_json::{json, Value};
 
-use crate::chart;
-use crate::folders::{self, partition_file, Folders};
+use crate::folders::{partition_file, requested_partitions};
 use crate::kafka::PartitionId;
 use crate::published::parse_partition_json;
 use crate::report::month_name;
 use crate::snapshot::{Fingerprint, Snapshot};
 use crate::state::{PartitionState, StateError};
-
-fn requested(state_dir: &Path, partitions: &[PartitionId]) -> anyhow::Result<Vec<PartitionId>> {
-    if !partitions.is_empty() {
-        return Ok(partitions.to_vec());
-    }
-    let found = folders::state_partitions(state_dir)
-        .with_context(|| format!("listing {}", state_dir.display()))?;
-    if found.is_empty() {
-        bail!("no partition state in {}", state_dir.display());
-    }
-    Ok(found)
-}
-
-/// Re-publishes partition files from state; returns an error if an
-/// explicitly named partition could not be exported.
-pub fn export(
-    files_dir: &Path,
-    state_dir: &Path,
-    partitions: &[PartitionId],
-) -> anyhow::Result<()> {
-    let explicit = !partitions.is_empty();
-    let mut refused = Vec::new();
-    crate::atomic_file::create_dir_all(files_dir)
-        .with_context(|| format!("creating {}", files_dir.display()))?;
-    for partition in requested(state_dir, partitions)? {
-        match PartitionState::open_existing(state_dir, partition) {
-            Ok(state) => {
-                let snapshot = state.snapshot();
-                let folders = Folders::new(files_dir, state_dir);
-                let path = folders.partition_file(partition);
-                folders
-                    .publish(&snapshot, &mut Vec::new())
-                    .with_context(|| format!("writing {} and its proof", path.display()))?;
-                println!(
-                    "partition {partition}: wrote {} (offset {})",
-                    path.display(),
-                    snapshot.next_offset
-                );
-            }
-            Err(StateError::Locked { holder, .. }) => {
-                eprintln!(
-                    "partition {partition}: skipped, a running consumer holds it{} and publishes it itself",
-                    holder.map(|h| format!(" ({h})")).unwrap_or_default()
-                );
-                refused.push(partition);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let report = chart::render_files(files_dir)?;
-    for (path, reason) in &report.skipped {
-        eprintln!("skipped {} in month.svg: {reason}", path.display());
-    }
-    println!(
-        "wrote {} ({} bars)",
-        report.path.display(),
-        report.bars.len()
-    );
-    if explicit && !refused.is_empty() {
-        bail!("partitions {refused:?} are held by a running consumer and were not exported");
-    }
-    Ok(())
-}
 
 fn fingerprint_json(fp: Option<Fingerprint>) -> Value {
     fp.map_or(Value::Null, |fp| {
@@ -163,7 +97,7 @@ fn describe(files_dir: &Path, state_dir: &Path, partition: PartitionId) -> anyho
 }
 
 /// Prints what the state holds, as a table or as JSON.
-pub fn inspect_state(
+pub fn run(
     files_dir: &Path,
     state_dir: &Path,
     partitions: &[PartitionId],
@@ -171,7 +105,7 @@ pub fn inspect_state(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let mut described = Vec::new();
-    for partition in requested(state_dir, partitions)? {
+    for partition in requested_partitions(state_dir, partitions)? {
         described.push(describe(files_dir, state_dir, partition)?);
     }
     if as_json {

@@ -1,9 +1,10 @@
-//! Verification: whether the records a partition's state was built from
-//! are still in the topic, or the topic was deleted and re-created under
-//! it. [`RecordProbe`] reads single records by offset with a client of its
-//! own; the verifier thread (`verify-N`) answers the worker's
-//! [`CheckRequest`]s with it, so that routine checks never pause
-//! consumption.
+//! The re-creation check: whether the records a partition's state was
+//! built from are still in the topic, or the topic was deleted and
+//! re-created under it. [`RecordProbe`] reads single records by offset with
+//! a client of its own; the [`Rechecker`] thread (`recheck-N`) answers the
+//! worker's [`CheckRequest`]s with it, so that routine checks never pause
+//! consumption. (`consumer verify`, which recounts a partition, is
+//! `crate::verify`.)
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 
-use super::clients::{needs_verification, Client, Observed, CLIENT_STATS_INTERVAL_MS};
+use super::clients::{needs_verification, Client, ClientObserver, CLIENT_STATS_INTERVAL_MS};
 use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
 use super::ConsumerConfig;
 use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
@@ -30,7 +31,7 @@ const ABSENT_TOPIC_RECHECK: Duration = Duration::from_millis(500);
 
 /// What the topic holds at one offset.
 #[derive(Debug, PartialEq)]
-enum Probed {
+enum AtOffset {
     Found(Fingerprint),
     /// The log does not hold this offset (any more).
     Missing,
@@ -50,7 +51,7 @@ pub(super) struct RecordProbe {
     consumer: Client,
     topic: String,
     partition: PartitionId,
-    /// Probes end early on shutdown, so the worker can join its verifier.
+    /// Probes end early on shutdown, so the worker can join its rechecker.
     shutdown: Shutdown,
 }
 
@@ -58,7 +59,7 @@ impl RecordProbe {
     pub(super) fn new(
         config: &ConsumerConfig,
         partition: PartitionId,
-        context: Observed,
+        context: ClientObserver,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let topic = config.topic.as_str();
@@ -103,13 +104,13 @@ impl RecordProbe {
     /// ended without it. Brokers differ in where a fetch starts (Kafka: at
     /// the record; tansu's in-memory engine: at the next batch boundary), so
     /// reads start ever further back until one gives an answer.
-    fn record_at(&self, offset: Offset) -> anyhow::Result<Probed> {
+    fn record_at(&self, offset: Offset) -> anyhow::Result<AtOffset> {
         match self.partition_listed()? {
-            None => return Ok(Probed::Unknown),
-            Some(false) => return Ok(Probed::Absent),
+            None => return Ok(AtOffset::Unknown),
+            Some(false) => return Ok(AtOffset::Absent),
             Some(true) => {}
         }
-        let mut result = Probed::Unknown;
+        let mut result = AtOffset::Unknown;
         let mut tried: Vec<Offset> = Vec::new();
         for back in std::iter::once(0).chain(READ_BACK_STEPS) {
             let from = offset.saturating_sub(back).max(0);
@@ -118,23 +119,24 @@ impl RecordProbe {
             }
             tried.push(from);
             match self.read_from(from, offset)? {
-                Read::Found(fp) => result = Probed::Found(fp),
-                Read::Absent => result = Probed::Absent,
-                Read::Passed { saw_before: true } | Read::Ended { saw_before: true } => {
-                    result = Probed::Missing
-                }
+                ForwardRead::Found(fp) => result = AtOffset::Found(fp),
+                ForwardRead::Absent => result = AtOffset::Absent,
+                ForwardRead::Passed { saw_before: true }
+                | ForwardRead::Ended { saw_before: true } => result = AtOffset::Missing,
                 // An empty partition, or one whose records up to here are gone.
-                Read::Ended { saw_before: false } | Read::Passed { saw_before: false }
+                ForwardRead::Ended { saw_before: false }
+                | ForwardRead::Passed { saw_before: false }
                     if from == 0 =>
                 {
-                    result = Probed::Missing
+                    result = AtOffset::Missing
                 }
                 // The read started after the offset, or saw nothing: go back.
-                Read::Passed { saw_before: false } | Read::Ended { saw_before: false } => continue,
+                ForwardRead::Passed { saw_before: false }
+                | ForwardRead::Ended { saw_before: false } => continue,
                 // Nothing at all: some brokers say nothing for an offset in
                 // the middle of their last batch; earlier starts tell.
-                Read::Stalled if from > 0 => continue,
-                Read::Stalled | Read::Interrupted => result = Probed::Unknown,
+                ForwardRead::Stalled if from > 0 => continue,
+                ForwardRead::Stalled | ForwardRead::Interrupted => result = AtOffset::Unknown,
             }
             break;
         }
@@ -147,7 +149,7 @@ impl RecordProbe {
 
     /// Reads forward from `from` until the record at `offset`, a record past
     /// it, or the end of the log.
-    fn read_from(&self, from: Offset, offset: Offset) -> anyhow::Result<Read> {
+    fn read_from(&self, from: Offset, offset: Offset) -> anyhow::Result<ForwardRead> {
         assign(&self.consumer, &self.topic, self.partition, from).context("assigning the probe")?;
         let started = Instant::now();
         let mut last_progress = Instant::now();
@@ -161,34 +163,38 @@ impl RecordProbe {
             // leaves the question open, to be asked again later.
             let quiet = last_progress.elapsed();
             if self.shutdown.requested() {
-                break Read::Stalled;
+                break ForwardRead::Stalled;
             }
             if quiet >= PROBE_QUIET || started.elapsed() >= PROBE_TIMEOUT {
                 break if saw_before {
-                    Read::Interrupted
+                    ForwardRead::Interrupted
                 } else {
-                    Read::Stalled
+                    ForwardRead::Stalled
                 };
             }
             match self.consumer.poll(PROBE_POLL_WAIT) {
                 None => {}
                 Some(Ok(message)) if message.offset() == offset => {
-                    break Read::Found(Fingerprint::of(offset, message.key(), message.payload()))
+                    break ForwardRead::Found(Fingerprint::of(
+                        offset,
+                        message.key(),
+                        message.payload(),
+                    ))
                 }
                 Some(Ok(message)) if message.offset() > offset => {
-                    break Read::Passed { saw_before }
+                    break ForwardRead::Passed { saw_before }
                 }
                 Some(Ok(_)) => {
                     saw_before = true;
                     last_progress = Instant::now();
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break Read::Ended { saw_before },
+                Some(Err(KafkaError::PartitionEOF(_))) => break ForwardRead::Ended { saw_before },
                 Some(Err(e)) if needs_verification(&e) => {
                     break match e.rdkafka_error_code() {
                         Some(
                             RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
-                        ) => Read::Ended { saw_before },
-                        _ => Read::Absent,
+                        ) => ForwardRead::Ended { saw_before },
+                        _ => ForwardRead::Absent,
                     }
                 }
                 Some(Err(e)) => {
@@ -203,7 +209,7 @@ impl RecordProbe {
 
 /// What one forward read from some offset showed.
 #[derive(Debug)]
-enum Read {
+enum ForwardRead {
     Found(Fingerprint),
     /// A record past the offset came before the offset did.
     Passed {
@@ -229,10 +235,10 @@ pub(super) fn check_records(
     shutdown: &Shutdown,
 ) -> anyhow::Result<CheckOutcome> {
     let mut told_absent = false;
-    let mut probe_until_settled = |offset: Offset| -> anyhow::Result<Option<Probed>> {
+    let mut probe_until_settled = |offset: Offset| -> anyhow::Result<Option<AtOffset>> {
         loop {
             match probe.record_at(offset)? {
-                Probed::Absent => {
+                AtOffset::Absent => {
                     if !told_absent {
                         log::warn!(
                             "partition {}: topic {:?} is not there (deleted?); waiting for it",
@@ -245,14 +251,14 @@ pub(super) fn check_records(
                         return Ok(None);
                     }
                 }
-                Probed::Unknown => return Ok(None),
+                AtOffset::Unknown => return Ok(None),
                 settled => return Ok(Some(settled)),
             }
         }
     };
     if request.expected.is_empty() {
         return Ok(match probe_until_settled(request.adopt_offset)? {
-            Some(Probed::Found(fp)) => CheckOutcome::Current { anchor: Some(fp) },
+            Some(AtOffset::Found(fp)) => CheckOutcome::Current { anchor: Some(fp) },
             Some(_) => CheckOutcome::Gone {
                 offset: request.adopt_offset,
             },
@@ -261,7 +267,7 @@ pub(super) fn check_records(
     }
     for expected in &request.expected {
         match probe_until_settled(expected.offset)? {
-            Some(Probed::Found(fp)) if fp == *expected => {}
+            Some(AtOffset::Found(fp)) if fp == *expected => {}
             Some(_) => {
                 return Ok(CheckOutcome::Gone {
                     offset: expected.offset,
@@ -275,26 +281,26 @@ pub(super) fn check_records(
     })
 }
 
-/// A partition's verifier thread (`verify-N`): answers check requests with
+/// A partition's re-check thread (`recheck-N`): answers check requests with
 /// its own Kafka client, so that routine checks never pause consumption.
-pub(super) struct Verifier {
+pub(super) struct Rechecker {
     requests: Option<Sender<CheckRequest>>,
     answers: crossbeam_channel::Receiver<anyhow::Result<CheckOutcome>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Verifier {
+impl Rechecker {
     pub(super) fn spawn(
         config: &ConsumerConfig,
         partition: PartitionId,
-        context: Observed,
+        context: ClientObserver,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let probe = RecordProbe::new(config, partition, context, shutdown)?;
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
         let shutdown = shutdown.clone();
-        let thread = crate::shutdown::spawn(format!("verify-{partition}"), move || {
+        let thread = crate::shutdown::spawn(format!("recheck-{partition}"), move || {
             for request in inbox {
                 if outbox
                     .send(check_records(&probe, &request, &shutdown))
@@ -304,8 +310,8 @@ impl Verifier {
                 }
             }
         })
-        .context("starting a verifier thread")?;
-        Ok(Verifier {
+        .context("starting a rechecker thread")?;
+        Ok(Rechecker {
             requests: Some(requests),
             answers,
             thread: Some(thread),
@@ -316,7 +322,7 @@ impl Verifier {
         self.requests
             .as_ref()
             .and_then(|r| r.send(request).ok())
-            .ok_or_else(|| anyhow!("the verifier thread stopped"))
+            .ok_or_else(|| anyhow!("the rechecker thread stopped"))
     }
 
     /// The answer, if one is ready.
@@ -330,7 +336,7 @@ impl Verifier {
     }
 }
 
-impl Drop for Verifier {
+impl Drop for Rechecker {
     fn drop(&mut self) {
         self.requests.take();
         if let Some(thread) = self.thread.take() {
