@@ -9,10 +9,10 @@
 
 use serde_json::Value;
 
-use crate::aggregate::{Aggregates, BatchFold, Outcome};
-use crate::chart::{bars_of, chart_input, render_svg};
-use crate::published::{parse_partition_json, partition_json};
-use crate::report::{Validator, MONTH_NAMES};
+use crate::model::aggregate::{Aggregates, BatchFold, Outcome};
+use crate::model::report::{Validator, MONTH_NAMES};
+use crate::publish::chart::{bars_of, chart_input, render_svg};
+use crate::store::published::{parse_partition_json, partition_json};
 
 /// What a run of [`bytes_to_files`] published.
 #[derive(Debug)]
@@ -100,8 +100,8 @@ pub fn records_from_bytes(mut data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
                 continue;
             };
             records.push((
-                crate::report::key_for(date).as_bytes().to_vec(),
-                crate::report::encode(date, degrees),
+                crate::model::report::key_for(date).as_bytes().to_vec(),
+                crate::model::report::encode(date, degrees),
             ));
         } else {
             let Some((&[key_len, value_len], rest)) = data.split_first_chunk::<2>() else {
@@ -130,7 +130,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::report::{encode, key_for};
+    use crate::model::report::{encode, key_for};
 
     /// Degrees that break naive code: the edges of f64, its subnormals,
     /// infinities and NaN, and plain temperatures.

@@ -4,40 +4,32 @@
 //!
 //! Data flows one way: [`generator`] -> [`producer`] -> Kafka -> partition
 //! workers ([`consumer`]) -> [`state`] (sled) -> the exporter -> files in
-//! the [`folders`], written in the [`published`] format. The stages, and
+//! the [`Folders`], written in the [`published`] format. The stages, and
 //! which module belongs to which, are in docs/design.md (Module map);
 //! `tests/layout.rs` checks that imports follow them.
 
 #![deny(unsafe_code)]
 
-pub mod aggregate;
-pub mod atomic_file;
-mod broker_link;
-pub mod chart;
-pub mod cli;
-pub mod client_settings;
+// The stages, in the order data flows through them (docs/design.md,
+// Module map; tests/layout.rs checks that imports follow them).
+mod commands;
+pub mod config;
 pub mod consumer;
-pub mod dashboard;
-pub mod debug;
-pub mod demo;
-pub mod export;
-pub(crate) mod exporter;
-pub mod folders;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod generator;
-pub mod inspect;
 pub mod kafka;
 mod log_limit;
-mod metrics;
+mod model;
 pub mod producer;
-pub mod proof;
-pub mod published;
-mod python_repr;
-pub mod report;
-pub mod resume;
+mod publish;
 pub mod shutdown;
-pub mod snapshot;
-pub mod state;
-pub mod verify;
+mod store;
 pub mod web;
+
+// What the binaries, tests and benches use, by stage.
+pub use commands::{dashboard, debug, demo, export, inspect, verify};
+pub use model::{aggregate, generator, report};
+pub use publish::chart;
+pub use store::folders::Folders;
+pub use store::snapshot::{Counters, Fingerprint, Snapshot};
+pub use store::{published, state};

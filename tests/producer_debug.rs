@@ -17,7 +17,7 @@ use weatherstream::report;
 /// The Java client's placement (murmur2, tested against its reference
 /// values in `resume`'s unit tests).
 fn murmur2_partition(key: &str, partitions: u32) -> i32 {
-    weatherstream::resume::partition_for(key.as_bytes(), partitions as usize)
+    weatherstream::producer::partition_for(key.as_bytes(), partitions as usize)
 }
 
 #[test]

@@ -69,7 +69,7 @@ fn a_stream_stopped_and_resumed_with_keep_topic_ends_as_one_uninterrupted_run() 
     // Our placement of months is librdkafka's murmur2_random.
     for r in &expected {
         let key = r.key.as_deref().unwrap();
-        assert_eq!(weatherstream::resume::partition_for(key, 4), r.partition);
+        assert_eq!(weatherstream::producer::partition_for(key, 4), r.partition);
     }
 
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
 use weatherstream::kafka::PartitionId;
 use weatherstream::verify::{self, VerifyConfig};
-use weatherstream::{cli, export, inspect};
+use weatherstream::{config, export, inspect};
 
 /// Keeps exactly-once month/year statistics of the given partitions and
 /// publishes them as partition-N.json (and month.svg) in the files folder.
@@ -75,7 +75,7 @@ struct RunArgs {
     #[arg(required = true, value_name = "PARTITION")]
     partitions: Vec<PartitionId>,
     #[command(flatten)]
-    connection: cli::Connection,
+    connection: config::Connection,
     #[command(flatten)]
     folders: Folders,
     /// Most reports committed in one transaction
@@ -95,9 +95,9 @@ struct RunArgs {
     #[arg(long, env = "CONSUMER_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
     #[command(flatten)]
-    web: cli::WebArgs,
+    web: config::WebArgs,
     #[command(flatten)]
-    stop: cli::StopArgs,
+    stop: config::StopArgs,
     /// No progress lines
     #[arg(long)]
     quiet: bool,
@@ -122,7 +122,7 @@ enum Command {
         #[arg(value_name = "PARTITION")]
         partitions: Vec<PartitionId>,
         #[command(flatten)]
-        connection: cli::Connection,
+        connection: config::Connection,
         #[command(flatten)]
         group: Group,
         #[command(flatten)]
@@ -142,9 +142,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    cli::limit_malloc_arenas();
-    let args: Cli = cli::parse();
-    cli::init_logging();
+    config::limit_malloc_arenas();
+    let args: Cli = config::parse();
+    config::init_logging();
     let result = match args.command {
         None => run(args.run),
         Some(Command::Export {
@@ -185,12 +185,12 @@ fn main() -> ExitCode {
             &mut std::io::stdout().lock(),
         ),
     };
-    cli::finish("consumer", result)
+    config::finish("consumer", result)
 }
 
 impl Group {
     fn resolve(&self, client: &mut weatherstream::kafka::ClientSettings) -> String {
-        cli::flag_over_property(
+        config::flag_over_property(
             self.group_id.clone(),
             client,
             "group.id",
@@ -201,11 +201,11 @@ impl Group {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(message) = check_partition_list(&args.partitions) {
-        cli::usage_error(&message);
+        config::usage_error(&message);
     }
     let mut client = args.connection.client.settings();
     let group_id = args.group.resolve(&mut client);
-    let fetch_wait_ms = cli::flag_over_parsed_property(
+    let fetch_wait_ms = config::flag_over_parsed_property(
         args.fetch.fetch_wait_ms,
         &mut client,
         "fetch.wait.max.ms",

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use weatherstream::cli;
+use weatherstream::config;
 use weatherstream::dashboard::{self, DashboardConfig};
 
 /// Serves the live dashboard of the files folder: month.svg, every
@@ -13,7 +13,7 @@ use weatherstream::dashboard::{self, DashboardConfig};
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    stop: cli::StopArgs,
+    stop: config::StopArgs,
     /// Folder of partition-N.json and month.svg
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,
@@ -26,12 +26,12 @@ struct Args {
     )]
     listen: String,
     #[command(flatten)]
-    web: cli::WebArgs,
+    web: config::WebArgs,
 }
 
 fn main() -> ExitCode {
-    let args: Args = cli::parse();
-    cli::init_logging();
+    let args: Args = config::parse();
+    config::init_logging();
     let config = DashboardConfig {
         files_dir: args.files_dir,
         listen: args.listen,
@@ -42,5 +42,5 @@ fn main() -> ExitCode {
         .install("dashboard")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| dashboard::run(&config, &shutdown));
-    cli::finish("dashboard", result)
+    config::finish("dashboard", result)
 }

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use weatherstream::cli;
+use weatherstream::config;
 use weatherstream::debug::{self, DebugConfig};
 
 /// Prints every new message of the topic as a Python-style dict, one per line.
@@ -13,9 +13,9 @@ use weatherstream::debug::{self, DebugConfig};
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    stop: cli::StopArgs,
+    stop: config::StopArgs,
     #[command(flatten)]
-    connection: cli::Connection,
+    connection: config::Connection,
     /// Consumer group; over group.id of --client-config and -X [default: debug]
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
@@ -25,10 +25,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = cli::parse();
-    cli::init_logging();
+    let args: Args = config::parse();
+    config::init_logging();
     let mut client = args.connection.client.settings();
-    let group = cli::flag_over_property(args.group, &mut client, "group.id", "debug");
+    let group = config::flag_over_property(args.group, &mut client, "group.id", "debug");
     let config = DebugConfig {
         client,
         topic: args.connection.topic,
@@ -40,5 +40,5 @@ fn main() -> ExitCode {
         .install("debug")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| debug::run(&config, &shutdown, &mut std::io::stdout().lock()));
-    cli::finish("debug", result)
+    config::finish("debug", result)
 }

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use weatherstream::cli;
+use weatherstream::config;
 use weatherstream::demo::{self, DemoConfig};
 
 /// The whole pipeline in one process: an embedded in-memory Kafka broker,
@@ -14,12 +14,12 @@ use weatherstream::demo::{self, DemoConfig};
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    stop: cli::StopArgs,
+    stop: config::StopArgs,
     /// Use this Kafka instead of the embedded broker: --bootstrap-servers
     /// (or KAFKA_BOOTSTRAP_SERVERS, or bootstrap.servers of
     /// --client-config or -X) names it
     #[command(flatten)]
-    client: cli::ClientArgs,
+    client: config::ClientArgs,
     /// Folder of partition-N.json, month.svg and the state
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,
@@ -27,7 +27,7 @@ struct Args {
     #[arg(long, default_value_t = 7300, value_parser = clap::value_parser!(u64).range(1..))]
     days: u64,
     /// Seconds between reports (0: as fast as possible)
-    #[arg(long, default_value_t = 0.0, value_parser = cli::parse_delay)]
+    #[arg(long, default_value_t = 0.0, value_parser = config::parse_delay)]
     delay: f64,
     /// After --days, go on at one day per 0.1 s until Ctrl-C
     #[arg(long)]
@@ -46,13 +46,13 @@ struct Args {
     #[arg(long, value_name = "HOST:PORT")]
     dashboard: Option<String>,
     #[command(flatten)]
-    web: cli::WebArgs,
+    web: config::WebArgs,
 }
 
 fn main() -> ExitCode {
-    cli::limit_malloc_arenas();
-    let args: Args = cli::parse();
-    cli::init_logging();
+    config::limit_malloc_arenas();
+    let args: Args = config::parse();
+    config::init_logging();
     let config = DemoConfig {
         client: args.client.resolve().named_broker(),
         files_dir: args.files_dir,
@@ -70,5 +70,5 @@ fn main() -> ExitCode {
         .install("demo")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| demo::run(&config, &shutdown));
-    cli::finish("demo", result)
+    config::finish("demo", result)
 }

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use weatherstream::{chart, cli};
+use weatherstream::{chart, config};
 
 /// Draws month.svg: the average max temperature of the latest recorded
 /// January, February and March, read from every partition-N.json in the
@@ -17,8 +17,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = cli::parse();
-    cli::init_logging();
+    let args: Args = config::parse();
+    config::init_logging();
     let result = chart::render_files(&args.files_dir).map(|report| {
         for (path, reason) in &report.skipped {
             log::warn!("skipped {}: {reason}", path.display());
@@ -35,5 +35,5 @@ fn main() -> ExitCode {
             }
         );
     });
-    cli::finish("plot", result)
+    config::finish("plot", result)
 }

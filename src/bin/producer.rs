@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use weatherstream::cli;
+use weatherstream::config;
 use weatherstream::producer::{self, Compression, ProducerConfig, TopicStart};
 
 /// Generates daily weather reports and writes them to a Kafka topic.
@@ -16,9 +16,9 @@ use weatherstream::producer::{self, Compression, ProducerConfig, TopicStart};
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    stop: cli::StopArgs,
+    stop: config::StopArgs,
     #[command(flatten)]
-    connection: cli::Connection,
+    connection: config::Connection,
     /// Keep the topic and resume the stream after the days it holds: no day
     /// is skipped, and the days sent again are dropped by the consumers.
     /// Creates the topic only if it is missing; an existing one needs only
@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
     replication_factor: i32,
     /// Seconds between two reports (one simulated day per 0.1 s by default); 0 = as fast as possible
-    #[arg(long, default_value_t = 0.1, value_parser = cli::parse_delay)]
+    #[arg(long, default_value_t = 0.1, value_parser = config::parse_delay)]
     delay: f64,
     /// Stop after this many days (duplicates not counted) once all are delivered; default: forever
     #[arg(long)]
@@ -48,10 +48,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = cli::parse();
-    cli::init_logging();
+    let args: Args = config::parse();
+    config::init_logging();
     let mut client = args.connection.client.settings();
-    let compression = cli::flag_over_property(
+    let compression = config::flag_over_property(
         args.compression.map(|codec| codec.name().to_string()),
         &mut client,
         "compression.type",
@@ -78,5 +78,5 @@ fn main() -> ExitCode {
         .install("producer")
         .map_err(anyhow::Error::from)
         .and_then(|shutdown| producer::run(&config, &shutdown).map(|_| ()));
-    cli::finish("producer", result)
+    config::finish("producer", result)
 }

@@ -37,7 +37,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
 
 use super::ConsumerConfig;
-use crate::broker_link::BrokerLink;
+use crate::kafka::link::BrokerLink;
 use crate::kafka::{
     assign, cached_high_watermark, reading_config, Offset, PartitionId, BACKLOG_FETCH_WAIT_MS,
 };

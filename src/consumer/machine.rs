@@ -30,11 +30,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{BatchFold, MonthYear, Outcome};
 use crate::kafka::Offset;
-use crate::report::{Malformed, Validator};
-use crate::snapshot::{Fingerprint, Snapshot};
-use crate::state::BatchCommit;
+use crate::model::aggregate::{BatchFold, MonthYear, Outcome};
+use crate::model::report::{Malformed, Validator};
+use crate::store::snapshot::{Fingerprint, Snapshot};
+use crate::store::state::BatchCommit;
 
 /// How far before an offset a re-read starts, step by step, when the broker
 /// does not serve the offset itself; the last step reads from the start of
@@ -911,9 +911,9 @@ mod tests {
     use chrono::NaiveDate;
 
     use super::*;
-    use crate::aggregate::Aggregates;
-    use crate::report::{encode, key_for};
-    use crate::state::PartitionState;
+    use crate::model::aggregate::Aggregates;
+    use crate::model::report::{encode, key_for};
+    use crate::store::state::PartitionState;
 
     /// A record as a test writes it.
     #[derive(Debug, Clone)]
@@ -1279,7 +1279,7 @@ mod tests {
         assert!(matches!(
             batch.offer(report(1, 2, 1e308)),
             Flow::Malformed(Malformed::Unrepresentable(
-                crate::aggregate::Unrepresentable::SumOverflow { .. }
+                crate::model::aggregate::Unrepresentable::SumOverflow { .. }
             ))
         ));
         assert!(matches!(

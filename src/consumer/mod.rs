@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
-use crate::atomic_file;
-use crate::broker_link::BrokerLink;
+use crate::kafka::link::BrokerLink;
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
-use crate::metrics::Metrics;
+use crate::publish::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::snapshot::Snapshot;
+use crate::store::atomic_file;
+use crate::store::snapshot::Snapshot;
 use crate::web::WebConfig;
 use partition::{Claimed, PartitionRun, Pipeline};
 use stall::{StallNews, StallWatch};
@@ -217,7 +217,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
     let _metrics_server = match &config.metrics_addr {
-        Some(address) => Some(crate::metrics::serve(
+        Some(address) => Some(crate::publish::metrics::serve(
             address,
             config.web.clone(),
             metrics.clone(),

@@ -21,16 +21,16 @@ use super::group_offsets::GroupCommitter;
 use super::machine::{CheckOutcome, CheckRequest};
 use super::worker::{PartitionWorker, WorkerSetup};
 use super::{recheck, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
-use crate::aggregate::Aggregates;
-use crate::broker_link::BrokerLink;
-use crate::exporter::{CommittedSnapshot, Exporter, ToExporter};
-use crate::folders::{self, partition_file, Folders};
+use crate::kafka::link::BrokerLink;
 use crate::kafka::PartitionId;
-use crate::metrics::{Metrics, PartitionMetrics};
-use crate::published;
+use crate::model::aggregate::Aggregates;
+use crate::publish::exporter::{CommittedSnapshot, Exporter, ToExporter};
+use crate::publish::metrics::{Metrics, PartitionMetrics};
 use crate::shutdown::Shutdown;
-use crate::snapshot::Snapshot;
-use crate::state::{self, PartitionState, StateError};
+use crate::store::folders::{self, partition_file, Folders};
+use crate::store::published;
+use crate::store::snapshot::Snapshot;
+use crate::store::state::{self, PartitionState, StateError};
 
 /// A partition whose state this process holds, not yet running.
 pub(super) struct Claimed {
@@ -420,7 +420,7 @@ mod tests {
 
     use super::*;
     use crate::kafka::{ClientSettings, Offset};
-    use crate::report::{encode, key_for};
+    use crate::model::report::{encode, key_for};
 
     const TOPIC: &str = "lifecycle";
 

@@ -4,7 +4,7 @@
 //! a client of its own; the [`Rechecker`] thread (`recheck-N`) answers the
 //! worker's [`CheckRequest`]s with it, so that routine checks never pause
 //! consumption. (`consumer verify`, which recounts a partition, is
-//! `crate::verify`.)
+//! `crate::commands::verify`.)
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
 use super::ConsumerConfig;
 use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
 use crate::shutdown::Shutdown;
-use crate::snapshot::Fingerprint;
+use crate::store::snapshot::Fingerprint;
 
 /// Longest one poll of a probe waits: how soon shutdown ends a probe.
 const PROBE_POLL_WAIT: Duration = Duration::from_millis(100);

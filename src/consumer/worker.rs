@@ -27,14 +27,14 @@ use super::machine::{
 };
 use super::recheck::Rechecker;
 use super::{ConsumerConfig, Progress};
-use crate::broker_link::BrokerLink;
-use crate::exporter::{CommittedSnapshot, ToExporter};
+use crate::kafka::link::BrokerLink;
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
-use crate::metrics::{BatchCounts, Metrics, PartitionMetrics};
+use crate::publish::exporter::{CommittedSnapshot, ToExporter};
+use crate::publish::metrics::{BatchCounts, Metrics, PartitionMetrics};
 use crate::shutdown::Shutdown;
-use crate::snapshot::Snapshot;
-use crate::state::{BatchCommit, PartitionState, StateError};
+use crate::store::snapshot::Snapshot;
+use crate::store::state::{BatchCommit, PartitionState, StateError};
 
 /// How often a worker refreshes its lag, for the progress lines.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);

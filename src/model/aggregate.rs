@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 
 use chrono::{Datelike, NaiveDate};
 
-pub use crate::report::Unrepresentable;
-use crate::report::ValidReport;
+pub use crate::model::report::Unrepresentable;
+use crate::model::report::ValidReport;
 
 /// A month of a year. Orders by month first, then year: the order of the
 /// published JSON (months in calendar order, years ascending).

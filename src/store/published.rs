@@ -1,7 +1,7 @@
 //! The `partition-N.json` format, the assignment's contract with the
 //! dashboard: rendering it from statistics, parsing it back (for import,
 //! plotting and checks), and writing one atomically. Where it lives, and
-//! that its proof goes first, is [`crate::folders`]'; when it is written,
+//! that its proof goes first, is [`crate::store::folders`]'; when it is written,
 //! the exporter's. This module only knows *what* a file says.
 
 use std::path::Path;
@@ -12,11 +12,11 @@ use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::aggregate::{Aggregates, MonthStats, MonthYear};
-use crate::atomic_file;
 use crate::kafka::{Offset, PartitionId};
-use crate::report::{month_name, month_number, DateText, DATE_FORMAT};
-use crate::snapshot::Snapshot;
+use crate::model::aggregate::{Aggregates, MonthStats, MonthYear};
+use crate::model::report::{month_name, month_number, DateText, DATE_FORMAT};
+use crate::store::atomic_file;
+use crate::store::snapshot::Snapshot;
 
 /// The assignment's JSON: partition, offset, then month -> year -> stats,
 /// months in calendar order and years ascending. Serialized straight from
@@ -271,7 +271,7 @@ pub fn parse_partition_json(text: &str) -> Result<PublishedPartition, FormatErro
 
 /// Writes a snapshot as the partition file at `path`, atomically, without
 /// its proof: the consumer and `export` publish through
-/// [`crate::folders::Folders::publish`], which proves it first; the bench
+/// [`crate::store::folders::Folders::publish`], which proves it first; the bench
 /// measures the write alone.
 pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     let text = partition_json(

@@ -128,7 +128,7 @@ pub(crate) fn parse_date(text: &str) -> Option<NaiveDate> {
 }
 
 /// A report that cannot be counted without destroying a statistic: the
-/// fold's verdict ([`crate::aggregate::fold`]), after the duplicate rule.
+/// fold's verdict ([`crate::model::aggregate::fold`]), after the duplicate rule.
 #[derive(Debug, Clone, Copy, PartialEq, Error)]
 pub enum Unrepresentable {
     #[error("degrees {0} is not a finite number")]

@@ -9,12 +9,12 @@ use anyhow::{anyhow, Context as _};
 use chrono::TimeZone;
 use serde_json::{json, Value};
 
-use crate::folders::{partition_file, requested_partitions};
 use crate::kafka::PartitionId;
-use crate::published::parse_partition_json;
-use crate::report::month_name;
-use crate::snapshot::{Fingerprint, Snapshot};
-use crate::state::{PartitionState, StateError};
+use crate::model::report::month_name;
+use crate::store::folders::{partition_file, requested_partitions};
+use crate::store::published::parse_partition_json;
+use crate::store::snapshot::{Fingerprint, Snapshot};
+use crate::store::state::{PartitionState, StateError};
 
 fn fingerprint_json(fp: Option<Fingerprint>) -> Value {
     fp.map_or(Value::Null, |fp| {
@@ -47,7 +47,7 @@ fn snapshot_json(state_path: &Path, snapshot: &Snapshot) -> Value {
     })
 }
 
-fn months_json(aggregates: &crate::aggregate::Aggregates) -> Value {
+fn months_json(aggregates: &crate::model::aggregate::Aggregates) -> Value {
     Value::Array(
         aggregates
             .iter()

@@ -19,11 +19,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 
-use crate::generator::first_date;
 use crate::kafka::{
     assign, reading_config, ClientSettings, Offset, PartitionId, BACKLOG_FETCH_WAIT_MS,
 };
-use crate::report::{key_for, Validator};
+use crate::model::generator::first_date;
+use crate::model::report::{key_for, Validator};
 
 /// The consumer group of the resume reader (joined by no one: manual
 /// assignment) unless the producer's settings name one (`-X group.id`,

@@ -32,11 +32,11 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionError;
 use thiserror::Error;
 
-use crate::aggregate::{Aggregates, MonthStats, MonthYear};
-use crate::atomic_file;
-use crate::folders;
 use crate::kafka::{Offset, PartitionId};
-use crate::snapshot::{Counters, Fingerprint, Snapshot};
+use crate::model::aggregate::{Aggregates, MonthStats, MonthYear};
+use crate::store::atomic_file;
+use crate::store::folders;
+use crate::store::snapshot::{Counters, Fingerprint, Snapshot};
 
 const NEXT_OFFSET: &[u8] = b"meta:next_offset";
 const EPOCH: &[u8] = b"meta:epoch";

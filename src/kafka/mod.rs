@@ -20,7 +20,10 @@ use rdkafka::producer::{BaseProducer, Producer as _, ProducerContext};
 use rdkafka::TopicPartitionList;
 use thiserror::Error;
 
-pub use crate::client_settings::ClientSettings;
+pub(crate) mod link;
+mod settings;
+
+pub use settings::{ClientSettings, Resolved, SettingsError, SettingsSources};
 
 /// Kafka partition number, as librdkafka numbers them.
 pub type PartitionId = i32;

@@ -222,7 +222,7 @@ impl Metrics {
         // Counted where the fsyncs are made (atomic_file), brought up to
         // date here: no handle to pass into the state.
         self.fsyncs
-            .inc_by(crate::atomic_file::fsyncs_total().saturating_sub(self.fsyncs.get()));
+            .inc_by(crate::store::atomic_file::fsyncs_total().saturating_sub(self.fsyncs.get()));
         let mut buffer = Vec::new();
         // Encoding into memory fails only on a broken metric, never on I/O.
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {

@@ -7,6 +7,10 @@
 //! Reports are generated and encoded ahead on a `generator` thread that the
 //! sending loop owns and ends.
 
+pub(crate) mod resume;
+
+pub use resume::partition_for;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,13 +25,13 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
-use crate::broker_link::BrokerLink;
-use crate::generator::{Observation, WeatherGenerator};
+use crate::kafka::link::BrokerLink;
 use crate::kafka::{client_config, AdminError, ClientSettings, SetDefault, TopicAdmin};
 use crate::log_limit::{suppressed_note, LogLimiter};
-use crate::report;
-use crate::resume::{self, ResumePoint};
+use crate::model::generator::{Observation, WeatherGenerator};
+use crate::model::report;
 use crate::shutdown::Shutdown;
+use resume::ResumePoint;
 
 /// What `producer` is asked to do.
 #[derive(Debug, Clone)]
@@ -54,7 +58,7 @@ pub enum TopicStart {
     /// assignment's behaviour. Needs the right to delete and create it.
     Recreate,
     /// `--keep-topic`: delete nothing, create the topic only if it is
-    /// missing, and resume after the days it holds (see [`crate::resume`]).
+    /// missing, and resume after the days it holds (see [`crate::producer::resume`]).
     Resume,
     /// Keep the topic (create it if missing) and send from day `day`,
     /// replaying the generator up to it (`demo` continuing its stream).

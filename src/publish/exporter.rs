@@ -1,10 +1,10 @@
 //! The exporter thread: materializes committed snapshots as the
-//! dashboard's files (`partition-N.json` through [`crate::published`], then
-//! `month.svg` through [`crate::chart`]). It coalesces bursts, spaces the
+//! dashboard's files (`partition-N.json` through [`crate::store::published`], then
+//! `month.svg` through [`crate::publish::chart`]). It coalesces bursts, spaces the
 //! publishes of a partition that is catching up by their cost, never
 //! publishes an older snapshot over a newer one, and keeps a snapshot it
 //! could not write until it can. Before each partition file, its proof
-//! goes to the state folder ([`crate::proof`]).
+//! goes to the state folder ([`crate::store::proof`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::chart::{chart_input, ChartInput, ChartRenderer};
-use crate::folders::Folders;
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
-use crate::metrics::{Metrics, PartitionMetrics};
-use crate::proof::Proof;
-use crate::snapshot::Snapshot;
+use crate::publish::chart::{chart_input, ChartInput, ChartRenderer};
+use crate::publish::metrics::{Metrics, PartitionMetrics};
+use crate::store::folders::Folders;
+use crate::store::proof::Proof;
+use crate::store::snapshot::Snapshot;
 
 /// Minimum time between two month.svg renderings.
 const CHART_INTERVAL: Duration = Duration::from_secs(1);
@@ -438,9 +438,9 @@ impl ExportLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Aggregates;
-    use crate::folders::partition_file;
-    use crate::published::parse_partition_json;
+    use crate::model::aggregate::Aggregates;
+    use crate::store::folders::partition_file;
+    use crate::store::published::parse_partition_json;
 
     /// Folders in `dir`, the state folder (where the proofs go) made.
     fn folders(files_dir: &std::path::Path, state_dir: &std::path::Path) -> Folders {
@@ -599,7 +599,7 @@ mod tests {
     /// the exporter forever. The deadline must end the process.
     fn stuck_exporter_child() {
         static DRAWING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        fn never_returns(_: &[crate::chart::Bar]) -> anyhow::Result<String> {
+        fn never_returns(_: &[crate::publish::chart::Bar]) -> anyhow::Result<String> {
             DRAWING.store(true, std::sync::atomic::Ordering::SeqCst);
             loop {
                 std::thread::park();
@@ -635,13 +635,14 @@ mod tests {
             return;
         }
         let started = Instant::now();
+        // This test's own name, wherever the module lives.
+        let name = concat!(
+            module_path!(),
+            "::a_renderer_that_never_returns_cannot_hold_up_the_stop"
+        );
+        let name = name.split_once("::").map_or(name, |(_, path)| path);
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "exporter::tests::a_renderer_that_never_returns_cannot_hold_up_the_stop",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
             .env(CHILD, "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())

@@ -18,10 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use serde_json::{json, Map, Value};
 
-use crate::folders::{self, partition_files};
 use crate::kafka::PartitionId;
-use crate::published::{self, parse_partition_json};
 use crate::shutdown::Shutdown;
+use crate::store::folders::{self, partition_files};
+use crate::store::published::{self, parse_partition_json};
 use crate::web::{Page, WebConfig, WebServer};
 
 /// The page, embedded: it works offline and from a container.

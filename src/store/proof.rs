@@ -1,5 +1,5 @@
 //! The published files' proofs, `<state-dir>/partition-N.proof` (the path
-//! is [`crate::folders`]'): for each of
+//! is [`crate::store::folders`]'): for each of
 //! the last two partition files published, its epoch, its offset and the
 //! fingerprint of the last record it counted. The exporter writes the proof
 //! (fsynced) before it renames the partition file into place; at start-up
@@ -14,9 +14,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file;
 use crate::kafka::{Offset, PartitionId};
-use crate::snapshot::{Fingerprint, Snapshot};
+use crate::store::atomic_file;
+use crate::store::snapshot::{Fingerprint, Snapshot};
 
 /// What one published partition file was made from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +50,7 @@ struct ProofFile {
 }
 
 /// The proofs of `partition` in the proof file at `path` (named by
-/// [`crate::folders`]), oldest first; none when there is no readable file:
+/// [`crate::store::folders`]), oldest first; none when there is no readable file:
 /// a proof only ever adds a way to keep a published file.
 pub fn read(path: &Path, partition: PartitionId) -> Vec<Proof> {
     std::fs::read(path)

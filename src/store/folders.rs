@@ -9,9 +9,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::kafka::{Offset, PartitionId};
-use crate::proof::{self, Proof};
-use crate::published;
-use crate::snapshot::Snapshot;
+use crate::store::proof::{self, Proof};
+use crate::store::published;
+use crate::store::snapshot::Snapshot;
 
 /// The chart's file name in the files folder.
 pub(crate) const CHART_FILE: &str = "month.svg";

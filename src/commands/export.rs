@@ -8,17 +8,17 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
-use crate::chart;
-use crate::folders::{requested_partitions, Folders};
 use crate::kafka::PartitionId;
-use crate::state::{PartitionState, StateError};
+use crate::publish::chart;
+use crate::store::folders::{requested_partitions, Folders};
+use crate::store::state::{PartitionState, StateError};
 
 /// Re-publishes partition files from state; returns an error if an
 /// explicitly named partition could not be exported.
 pub fn run(files_dir: &Path, state_dir: &Path, partitions: &[PartitionId]) -> anyhow::Result<()> {
     let explicit = !partitions.is_empty();
     let mut refused = Vec::new();
-    crate::atomic_file::create_dir_all(files_dir)
+    crate::store::atomic_file::create_dir_all(files_dir)
         .with_context(|| format!("creating {}", files_dir.display()))?;
     for partition in requested_partitions(state_dir, partitions)? {
         match PartitionState::open_existing(state_dir, partition) {

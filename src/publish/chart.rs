@@ -13,12 +13,12 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::aggregate::{Aggregates, MonthYear};
-use crate::atomic_file;
-use crate::folders;
 use crate::kafka::PartitionId;
-use crate::published::parse_partition_json;
-use crate::report::month_name;
+use crate::model::aggregate::{Aggregates, MonthYear};
+use crate::model::report::month_name;
+use crate::store::atomic_file;
+use crate::store::folders;
+use crate::store::published::parse_partition_json;
 
 /// The months the chart shows.
 pub(crate) const CHART_MONTHS: [u32; 3] = [1, 2, 3];
@@ -373,7 +373,7 @@ impl ChartRenderer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{MonthStats, MonthYear};
+    use crate::model::aggregate::{MonthStats, MonthYear};
     use chrono::NaiveDate;
 
     fn stats(avg: f64) -> MonthStats {
@@ -438,7 +438,7 @@ mod tests {
     }
 
     fn write_partition(dir: &Path, partition: PartitionId, aggregates: &Aggregates) {
-        let text = crate::published::partition_json(partition, 1, aggregates).unwrap();
+        let text = crate::store::published::partition_json(partition, 1, aggregates).unwrap();
         atomic_file::write(&folders::partition_file(dir, partition), text.as_bytes()).unwrap();
     }
 

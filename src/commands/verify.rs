@@ -16,15 +16,15 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 
-use crate::aggregate::{Aggregates, BatchFold, MonthYear};
-use crate::folders::{self, partition_file};
 use crate::kafka::{
     assign, reading_config, ClientSettings, Offset, PartitionId, TopicAdmin, BACKLOG_FETCH_WAIT_MS,
 };
-use crate::published::{parse_partition_json, PublishedPartition};
-use crate::report::{month_name, DateText, Validator};
-use crate::snapshot::Fingerprint;
-use crate::state::{PartitionState, StateError};
+use crate::model::aggregate::{Aggregates, BatchFold, MonthYear};
+use crate::model::report::{month_name, DateText, Validator};
+use crate::store::folders::{self, partition_file};
+use crate::store::published::{parse_partition_json, PublishedPartition};
+use crate::store::snapshot::Fingerprint;
+use crate::store::state::{PartitionState, StateError};
 
 /// How long a reader waits for the next record before it concludes that
 /// the log ends before the offset it must reach.
@@ -335,7 +335,7 @@ fn avg_differences(text: &str) -> Vec<Difference> {
         return out;
     };
     for (month_name_text, years) in &top {
-        let Some(month) = crate::report::month_number(month_name_text) else {
+        let Some(month) = crate::model::report::month_number(month_name_text) else {
             continue;
         };
         let Some(years) = years.as_object() else {
@@ -519,7 +519,7 @@ mod tests {
     use chrono::NaiveDate;
 
     use super::*;
-    use crate::aggregate::MonthStats;
+    use crate::model::aggregate::MonthStats;
 
     fn stats(count: u64, sum: f64, start: u32, end: u32) -> MonthStats {
         let d = |day| NaiveDate::from_ymd_opt(1990, 1, day).unwrap();

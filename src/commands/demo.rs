@@ -16,16 +16,16 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file;
-use crate::chart;
+use crate::commands::dashboard;
 use crate::consumer::{self, ConsumerConfig};
-use crate::dashboard;
-use crate::folders::{self, partition_files};
 use crate::kafka::{ClientSettings, DEFAULT_TOPIC};
+use crate::model::report::month_name;
 use crate::producer::{self, ProducerConfig, TopicStart};
-use crate::published::parse_partition_json;
-use crate::report::month_name;
+use crate::publish::chart;
 use crate::shutdown::Shutdown;
+use crate::store::atomic_file;
+use crate::store::folders::{self, partition_files};
+use crate::store::published::parse_partition_json;
 use crate::web::WebConfig;
 
 /// Seed used unless `--seed` is given, so demo runs are reproducible.

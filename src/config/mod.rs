@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client_settings::{ClientSettings, Resolved, SettingsSources};
+use crate::kafka::{ClientSettings, Resolved, SettingsSources};
 use crate::kafka::{BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, DEFAULT_TOPIC};
 use crate::shutdown::Shutdown;
 use crate::web::WebConfig;

@@ -6,8 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::Aggregates;
 use crate::kafka::{Offset, PartitionId};
+use crate::model::aggregate::Aggregates;
 
 /// Identifies one record, so a stored offset can be checked against the
 /// topic: after a topic is deleted and re-created, the record at an old

@@ -9,9 +9,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 
+use crate::commands::python_repr::{bytes_repr, float_repr, str_repr};
 use crate::kafka::{check_connection, client_config, ClientSettings, SetDefault};
-use crate::python_repr::{bytes_repr, float_repr, str_repr};
-use crate::report;
+use crate::model::report;
 use crate::shutdown::Shutdown;
 
 /// Longest one poll waits: how soon shutdown is noticed.
