@@ -86,6 +86,20 @@ impl ClientObserver {
 struct ClientStats {
     #[serde(default)]
     brokers: HashMap<String, BrokerStats>,
+    /// When librdkafka took them: Unix seconds (0 when absent).
+    #[serde(default)]
+    time: i64,
+}
+
+/// Statistics taken this many seconds or more before they are read (a
+/// client not polled for a while, a loaded machine) are no evidence of a
+/// connection now: a broker connection that was up then may be gone.
+const STALE_STATS_SECS: i64 = 3;
+
+/// Whether statistics taken at `taken` (Unix seconds, whole) still tell
+/// about the connections at `now`.
+fn stats_are_current(taken: i64, now: i64) -> bool {
+    taken == 0 || now - taken < STALE_STATS_SECS
 }
 
 #[derive(serde::Deserialize)]
@@ -108,10 +122,14 @@ impl ClientContext for ClientObserver {
             log::debug!("unreadable librdkafka statistics");
             return;
         };
-        if stats
-            .brokers
-            .values()
-            .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if stats_are_current(stats.time, now)
+            && stats
+                .brokers
+                .values()
+                .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
         {
             self.link.connected();
         }
@@ -352,5 +370,20 @@ impl Reader {
     /// statistics).
     pub(super) fn broker_responses(&self) -> u64 {
         self.client().context().broker_responses()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_read_late_are_no_evidence_of_a_connection() {
+        assert!(stats_are_current(100, 100));
+        assert!(stats_are_current(100, 102));
+        assert!(!stats_are_current(100, 103));
+        assert!(!stats_are_current(100, 160));
+        // A librdkafka without the field: as before, current.
+        assert!(stats_are_current(0, 1_700_000_000));
     }
 }
