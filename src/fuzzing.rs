@@ -123,7 +123,6 @@ pub fn records_from_bytes(mut data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc;
     use std::time::Duration;
 
     use chrono::NaiveDate;
@@ -177,13 +176,9 @@ mod tests {
     /// Runs the pipeline on a thread of its own: a case that does not end
     /// within the limit fails instead of hanging the suite.
     fn within_limit(records: Vec<(Vec<u8>, Vec<u8>)>) -> Published {
-        let (done, result) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = done.send(bytes_to_files(&records));
-        });
-        result
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the pipeline ended within 20 s (a panic shows above)")
+        crate::shutdown::within("the pipeline", Duration::from_secs(20), move || {
+            bytes_to_files(&records)
+        })
     }
 
     proptest! {

@@ -172,6 +172,25 @@ pub(crate) fn running() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Runs `work` on a thread of its own and returns its result, or panics
+/// naming `what` when it has not ended within `limit`: a test of code that
+/// must finish then fails instead of hanging the suite (a panic in `work`
+/// shows above as well).
+#[cfg(test)]
+pub(crate) fn within<T: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, result) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    result
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not end within {limit:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -576,6 +576,52 @@ fn every_codec_is_produced_and_read_exactly() {
     }
 }
 
+/// The consumer group every client of the consumer uses, where its offsets
+/// land: `-X group.id` over the default, `--group-id` over `-X`.
+#[test]
+fn the_group_is_the_flag_over_the_property_over_the_default() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let x = Connect::Args(
+        broker.bootstrap.clone(),
+        vec![("group.id".into(), "from-x".into())],
+    );
+    for (extra, group) in [(None, "from-x"), (Some("from-flag"), "from-flag")] {
+        let topic = unique_topic(group);
+        let out = producer(&x, &topic, 100, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let records = read_topic(
+            &broker.bootstrap,
+            &topic,
+            4,
+            reports_for(100, 5),
+            Duration::from_secs(60),
+        );
+        let files = dir.path().join(group);
+        let mut args = vec!["0", "1", "2", "3"];
+        if let Some(flag) = extra {
+            args.splice(0..0, ["--group-id", flag]);
+        }
+        let mut consumer = consumer(&x, &topic, &files, &args);
+        wait_for_records(&files, &records, Duration::from_secs(60));
+        assert!(consumer.terminate().success());
+        assert_eq!(
+            group_offsets(&broker.bootstrap, &[], group, &topic),
+            published(&files),
+            "{group}"
+        );
+        for other in ["weatherstream", "from-x"]
+            .into_iter()
+            .filter(|g| *g != group)
+        {
+            assert!(
+                group_offsets(&broker.bootstrap, &[], other, &topic).is_empty(),
+                "{group}: offsets committed to {other} too"
+            );
+        }
+    }
+}
+
 /// A topic written by another client (not our producer) with gzip and
 /// zstd batches: the shape of what a Java producer with compression.type,
 /// or a broker recompressing, hands the consumer.

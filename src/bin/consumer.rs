@@ -203,19 +203,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(message) = check_partition_list(&args.partitions) {
         config::usage_error(&message);
     }
-    let mut client = args.connection.client.settings();
-    let group_id = args.group.resolve(&mut client);
-    let fetch_wait_ms = config::flag_over_parsed_property(
-        args.fetch.fetch_wait_ms,
-        &mut client,
-        "fetch.wait.max.ms",
-        consumer::DEFAULT_FETCH_WAIT_MS,
+    // `new` resolves the properties (group.id, fetch.wait.max.ms) over
+    // their defaults; the flags go over those.
+    let resolved = ConsumerConfig::new(
+        args.connection.client.settings(),
+        args.connection.topic,
+        args.folders.files_dir.clone(),
+        args.folders.state_dir(),
+        args.partitions,
     );
     let config = ConsumerConfig {
         max_batch: args.max_batch as usize,
         batch_timeout_ms: args.batch_timeout_ms,
-        fetch_wait_ms,
-        group_id,
+        fetch_wait_ms: args.fetch.fetch_wait_ms.unwrap_or(resolved.fetch_wait_ms),
+        group_id: args.group.group_id.unwrap_or(resolved.group_id),
         commit_group_offsets: !args.no_group_offsets,
         metrics_addr: args.metrics_addr,
         web: args.web.load(),
@@ -224,13 +225,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         } else {
             ConsumerConfig::DEFAULT_PROGRESS_INTERVAL
         },
-        ..ConsumerConfig::new(
-            client,
-            args.connection.topic,
-            args.folders.files_dir.clone(),
-            args.folders.state_dir(),
-            args.partitions,
-        )
+        ..resolved
     };
     let shutdown = args.stop.install("consumer")?;
     consumer::run(&config, &shutdown)

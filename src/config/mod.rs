@@ -121,19 +121,6 @@ pub fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// [`flag_over_property`] for a setting with a typed value: a property that
-/// does not parse is left to the default (librdkafka, which checked it
-/// when the settings were resolved, takes only numbers in its range).
-pub fn flag_over_parsed_property<T: std::str::FromStr>(
-    flag: Option<T>,
-    settings: &mut ClientSettings,
-    key: &str,
-    default: T,
-) -> T {
-    let property = settings.take(key).and_then(|value| value.parse().ok());
-    flag.or(property).unwrap_or(default)
-}
-
 /// Environment variable that supplies `--web-config-file`.
 pub const WEB_CONFIG_ENV: &str = "WEB_CONFIG_FILE";
 

@@ -419,3 +419,34 @@ fn watch_stall(worker: &PartitionRun, watch: &mut StallWatch, link: &BrokerLink)
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_group_and_the_fetch_wait_leave_the_settings_as_values() {
+        let mut settings = ClientSettings::plaintext("localhost:9092");
+        settings.set_owned("group.id", "from-x");
+        settings.set_owned("fetch.wait.max.ms", "15");
+        let config = ConsumerConfig::new(settings, "t", "f".into(), "s".into(), vec![0]);
+        assert_eq!(
+            (config.group_id.as_str(), config.fetch_wait_ms),
+            ("from-x", 15)
+        );
+        // One value per setting: the clients are made from these alone.
+        assert_eq!(config.client.get("group.id"), None);
+        assert_eq!(config.client.get("fetch.wait.max.ms"), None);
+        let defaults = ConsumerConfig::new(
+            ClientSettings::plaintext("localhost:9092"),
+            "t",
+            "f".into(),
+            "s".into(),
+            vec![0],
+        );
+        assert_eq!(
+            (defaults.group_id.as_str(), defaults.fetch_wait_ms),
+            (DEFAULT_GROUP_ID, DEFAULT_FETCH_WAIT_MS)
+        );
+    }
+}

@@ -139,7 +139,6 @@ impl Pipeline {
         let thread = crate::shutdown::spawn(format!("partition-{partition}"), move || worker.run())
             .context("starting a partition worker")?;
         Ok(PartitionRun {
-            partition,
             progress,
             metrics: self.metrics.partition(partition),
             stop,
@@ -161,7 +160,7 @@ impl Pipeline {
 
 /// A running partition: its worker thread, counters and metrics.
 pub(super) struct PartitionRun {
-    pub(super) partition: PartitionId,
+    /// Its counters; they name the partition.
     pub(super) progress: Arc<Progress>,
     pub(super) metrics: PartitionMetrics,
     /// This partition's stop; also set by the process's.
@@ -197,7 +196,7 @@ impl PartitionRun {
     /// Waits for the worker to end (after a stop, or on its own with an
     /// error); returns its last committed snapshot.
     pub(super) fn join(self) -> anyhow::Result<Arc<Snapshot>> {
-        let partition = self.partition;
+        let partition = self.progress.partition;
         self.thread
             .join()
             .map_err(|_| anyhow!("partition {partition} worker panicked"))?

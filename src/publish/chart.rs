@@ -534,14 +534,12 @@ mod tests {
                 avg: *avg,
             })
             .collect();
-        let (done, result) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = done.send(render_svg(&bars).map_err(|e| e.to_string()));
-        });
-        let svg = result
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("rendering {values:?} did not end"))
-            .unwrap();
+        let svg = crate::shutdown::within(
+            &format!("rendering {values:?}"),
+            std::time::Duration::from_secs(20),
+            move || render_svg(&bars).map_err(|e| e.to_string()),
+        )
+        .unwrap();
         roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{values:?}: {e}"));
         svg
     }
