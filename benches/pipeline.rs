@@ -160,7 +160,7 @@ fn main() {
     if want("fold") {
         bench_fold();
     }
-    if !(want("producer") || want("catchup") || want("freshness")) {
+    if !(want("producer") || want("catchup") || want("freshness") || want("restore")) {
         return;
     }
     // The in-memory engine: the sqlite engine serves a fetch from a large
@@ -186,6 +186,141 @@ fn main() {
     if want("freshness") {
         bench_freshness(&broker, env_number("BENCH_FRESHNESS_SECS", 60));
     }
+    if want("restore") {
+        // The sqlite engine: the in-memory one answers a fetch in the
+        // middle of a record batch with the next batch, so each check of a
+        // record there reads back from earlier offsets for seconds (see
+        // docs/design.md), which would measure that quirk, not the restore.
+        drop(broker);
+        let broker = Broker::start_with(Storage::Sqlite);
+        bench_restore(&broker);
+    }
+}
+
+/// A partition of 30 years restored on an empty disk from its snapshot
+/// topic, with 5,000 older snapshots before the newest (tansu never
+/// compacts: the worst case of a topic nobody compacted), against the same
+/// start with --no-snapshots, which counts the partition again from offset
+/// 0. Alternating rounds; the restore's own time is the one its log line
+/// gives.
+fn bench_restore(broker: &Broker) {
+    const OLDER: i64 = 5_000;
+    let days = 30 * 365;
+    println!("\n== restore: a 30-year partition, {OLDER} older snapshots before the newest (tansu sqlite) ==");
+    let topic = unique_topic("bench-restore");
+    let snapshot_topic = format!("{topic}-snapshots");
+    let records = produce_and_read(broker, &topic, days, 5);
+    let files = tempfile::tempdir().unwrap();
+    let mut consumer = start_consumer(broker, &topic, files.path(), &[0, 1, 2, 3]);
+    wait_for_records(files.path(), &records, Duration::from_secs(300));
+    assert!(consumer.terminate().success());
+    let end = end_offsets(&records)[&0];
+    let published = read_partition_file(files.path(), 0).unwrap();
+    let last = records
+        .iter()
+        .find(|r| r.partition == 0 && r.offset == end - 1)
+        .unwrap();
+    let newest = weatherstream::Snapshot {
+        partition: 0,
+        epoch: 0,
+        next_offset: end,
+        aggregates: published.aggregates.clone(),
+        counters: weatherstream::Counters::default(),
+        last_record: Some(weatherstream::Fingerprint::of(
+            end - 1,
+            last.key.as_deref(),
+            last.value.as_deref(),
+        )),
+        anchor: None,
+        last_commit_unix_ms: None,
+    };
+    let newest_value = weatherstream::changelog::encode(&topic, &newest, "bench/1", 2);
+    println!(
+        "  partition 0: {end} records, {} month/years; a snapshot of it is {} bytes ({:.0} bytes/s for 4 such partitions at the default 5 s interval)",
+        published.aggregates.len(),
+        newest_value.len(),
+        newest_value.len() as f64 * 4.0 / 5.0
+    );
+    // Older snapshots of the same size (as a long history's would be),
+    // then the newest: in the topic the consumer's run wrote already.
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("linger.ms", "20")
+        .create()
+        .unwrap();
+    for i in 0..OLDER {
+        let older = weatherstream::Snapshot {
+            next_offset: end - 1 - (i % (end - 1)),
+            last_record: None,
+            ..newest.clone()
+        };
+        let value = weatherstream::changelog::encode(&topic, &older, "bench/1", 1);
+        loop {
+            match producer.send(
+                BaseRecord::to(&snapshot_topic)
+                    .partition(0)
+                    .key("0")
+                    .payload(&value),
+            ) {
+                Ok(()) => break,
+                Err((_, _)) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .send(
+            BaseRecord::to(&snapshot_topic)
+                .partition(0)
+                .key("0")
+                .payload(&newest_value),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).unwrap();
+
+    let start_on_empty = |args: &[&str]| -> (f64, Option<f64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let mut cmd = broker.consumer_cmd(&topic);
+        cmd.args(args).arg("--files").arg(dir.path()).arg("0");
+        let mut consumer = Running::spawn(cmd);
+        wait_until("partition 0 at its end", Duration::from_secs(600), || {
+            read_partition_file(dir.path(), 0).is_some_and(|f| f.offset == end)
+        });
+        let wall = started.elapsed().as_secs_f64();
+        assert!(consumer.terminate().success());
+        let log = consumer.stderr_text();
+        let restore_secs = log
+            .lines()
+            .find(|l| l.contains("restored from the snapshot topic"))
+            .and_then(|l| l.rsplit("in ").next())
+            .and_then(|t| t.trim_end_matches(" s").trim().parse::<f64>().ok());
+        (wall, restore_secs)
+    };
+    let (mut restored, mut own, mut recounted) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (wall, secs) = start_on_empty(&[]);
+        restored.push(wall);
+        own.push(secs.expect("the restore's log line"));
+        let (wall, secs) = start_on_empty(&["--no-snapshots"]);
+        assert!(secs.is_none());
+        recounted.push(wall);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (restored, own, recounted) = (
+        median(&mut restored),
+        median(&mut own),
+        median(&mut recounted),
+    );
+    println!(
+        "  start on an empty disk to the end offset published: {restored:.2} s restored (the restore itself {own:.2} s), {recounted:.2} s counted again from offset 0 with --no-snapshots (medians of 3, alternating)"
+    );
 }
 
 fn encoded_reports(n: usize) -> Vec<(&'static str, Vec<u8>)> {
@@ -482,6 +617,33 @@ fn bench_catchup(broker: &Broker, topic: &str) {
         (metrics_cpu / plain_cpu - 1.0) * 100.0
     );
 
+    // Snapshots (on by default) against --no-snapshots, alternating.
+    let (mut on_cpu, mut off_cpu, mut on_wall, mut off_wall) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..6 {
+        let snapshots = round % 2 == 1;
+        let args: &[&str] = if snapshots { &[] } else { &["--no-snapshots"] };
+        let (wall, cpu, _, _) = catch_up_ours(broker, topic, count, args);
+        if snapshots {
+            on_cpu.push(cpu);
+            on_wall.push(wall);
+        } else {
+            off_cpu.push(cpu);
+            off_wall.push(wall);
+        }
+    }
+    let (on_cpu, off_cpu) = (median(&mut on_cpu), median(&mut off_cpu));
+    let (on_wall, off_wall) = (median(&mut on_wall), median(&mut off_wall));
+    println!(
+        "  snapshots on:              {:.2} us CPU/report, {:.0} reports/s; off (--no-snapshots): {:.2} us, {:.0} reports/s (median of 3 each, alternating) => CPU {:+.1}%, wall {:+.1}%",
+        on_cpu / count as f64 * 1e6,
+        count as f64 / on_wall,
+        off_cpu / count as f64 * 1e6,
+        count as f64 / off_wall,
+        (on_cpu / off_cpu - 1.0) * 100.0,
+        (on_wall / off_wall - 1.0) * 100.0
+    );
+
     // consumer verify on the state the first run left: reads and recomputes
     // all 4 partitions from offset 0.
     let started = Instant::now();
@@ -510,6 +672,11 @@ fn catch_up_ours(
     let files = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let mut cmd = broker.consumer_cmd(topic);
+    // A snapshot topic of its own: one that a run before filled would be
+    // restored from, and nothing would be caught up.
+    if !extra_args.contains(&"--no-snapshots") {
+        cmd.args(["--snapshot-topic", &unique_topic("bench-catchup-snapshots")]);
+    }
     cmd.arg("--quiet")
         .args(extra_args)
         .arg("--files")
@@ -555,7 +722,16 @@ fn summary(name: &str, mut ms: Vec<f64>) -> (f64, f64) {
 }
 
 fn bench_freshness(broker: &Broker, seconds: u64) {
-    println!("\n== freshness: {seconds} s at 0.1 s per day ==");
+    for snapshots in [true, false] {
+        freshness_round(broker, seconds, snapshots);
+    }
+}
+
+fn freshness_round(broker: &Broker, seconds: u64, snapshots: bool) {
+    println!(
+        "\n== freshness: {seconds} s at 0.1 s per day, snapshots {} ==",
+        if snapshots { "on" } else { "off" }
+    );
     let topic = unique_topic("bench-fresh");
     TopicAdmin::connect(&weatherstream::kafka::ClientSettings::plaintext(
         &broker.bootstrap,
@@ -566,19 +742,20 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
     let files = tempfile::tempdir().unwrap();
     let mut consumer = {
         let mut cmd = broker.consumer_cmd(&topic);
+        if !snapshots {
+            cmd.arg("--no-snapshots");
+        }
         cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])
             .arg(files.path())
             .args(["0", "1", "2", "3"]);
         Running::spawn(cmd)
     };
     let metrics_address = consumer.listening_address();
-    let fsyncs = || {
+    let metric = |name: &str| {
         let body = http(&metrics_address, "GET", "/metrics", None).2;
-        metric_sum(
-            &String::from_utf8_lossy(&body),
-            "weatherstream_fsyncs_total",
-        )
+        metric_sum(&String::from_utf8_lossy(&body), name)
     };
+    let fsyncs = || metric("weatherstream_fsyncs_total");
     wait_until(
         "the consumer's first files",
         Duration::from_secs(30),
@@ -653,6 +830,7 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
     .unwrap();
     let mut sent: BTreeMap<NaiveDate, Instant> = BTreeMap::new();
     let fsyncs_before = fsyncs();
+    let snapshot_bytes_before = metric("weatherstream_snapshot_bytes_total");
     let started = Instant::now();
     let mut next = Instant::now();
     for obs in WeatherGenerator::new(Some(4)) {
@@ -668,6 +846,9 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
     }
     sender.flush(Duration::from_secs(10)).unwrap();
     let fsyncs_per_sec = (fsyncs() - fsyncs_before) / started.elapsed().as_secs_f64();
+    let snapshot_bytes_per_sec = (metric("weatherstream_snapshot_bytes_total")
+        - snapshot_bytes_before)
+        / started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
     raw.join().unwrap();
@@ -691,6 +872,11 @@ fn bench_freshness(broker: &Broker, seconds: u64) {
         ours_p99 - raw_p99
     );
     println!("  fsyncs by the consumer: {fsyncs_per_sec:.1}/s (commits, proofs, publishes)");
+    if snapshots {
+        println!(
+            "  snapshot bytes written: {snapshot_bytes_per_sec:.0}/s (4 young partitions; see restore for a 30-year one)"
+        );
+    }
 }
 
 /// One row of the soak table.

@@ -30,6 +30,7 @@ pub mod web;
 pub use commands::{dashboard, debug, demo, export, inspect, verify};
 pub use model::{aggregate, generator, report};
 pub use publish::chart;
+pub use publish::snapshots::write_once as write_snapshot;
 pub use store::folders::Folders;
 pub use store::snapshot::{Counters, Fingerprint, Snapshot};
-pub use store::{published, state};
+pub use store::{changelog, published, state};

@@ -16,7 +16,9 @@ use chrono::NaiveDate;
 use common::*;
 use serde_json::{json, Value};
 use weatherstream::aggregate::{Aggregates, MonthStats, MonthYear};
+use weatherstream::kafka::ClientSettings;
 use weatherstream::published::partition_json;
+use weatherstream::{Counters, Snapshot};
 
 fn stats(month: u32, year: i32, count: u64, sum: f64) -> (MonthYear, MonthStats) {
     let start = NaiveDate::from_ymd_opt(year, month, 1).unwrap();
@@ -412,4 +414,154 @@ fn a_real_browser_shows_the_files_and_a_new_publish_without_reloading_over_https
     }
     drop(browser);
     drop(dashboard);
+}
+
+/// Creates a compacted topic of `partitions` on the broker.
+fn create_compacted_topic(broker: &Broker, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    let results =
+        futures_executor::block_on(admin.create_topics(&[new_topic], &AdminOptions::new()));
+    for result in results.unwrap() {
+        result.unwrap();
+    }
+}
+
+fn snapshot_of(partition: i32, next_offset: i64, aggregates: Aggregates) -> Snapshot {
+    Snapshot {
+        partition,
+        epoch: 0,
+        next_offset,
+        aggregates,
+        counters: Counters::default(),
+        last_record: None,
+        anchor: None,
+        last_commit_unix_ms: None,
+    }
+}
+
+#[test]
+fn the_dashboard_shows_the_snapshot_topic_without_a_files_folder_and_follows_it() {
+    let broker = Broker::start();
+    let topic = unique_topic("dashkafka");
+    let snapshot_topic = format!("{topic}-snapshots");
+    create_compacted_topic(&broker, &snapshot_topic, 4);
+    let client = ClientSettings::plaintext(&broker.bootstrap);
+    let write = |snapshot: &Snapshot, at_ms: i64| {
+        weatherstream::write_snapshot(&client, &snapshot_topic, &topic, snapshot, at_ms).unwrap();
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let p0: Aggregates = [stats(1, 1990, 31, 599.0), stats(1, 1991, 31, 178.0)].into();
+    let p2: Aggregates = [stats(3, 1990, 31, 1240.0)].into();
+    write(&snapshot_of(0, 62, p0.clone()), now_ms);
+    write(&snapshot_of(2, 31, p2), now_ms);
+
+    // No files folder anywhere: the dashboard runs in an empty folder, and
+    // `--files` names one that does not exist.
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = bin("dashboard");
+    cmd.current_dir(cwd.path())
+        .args(["--from-kafka", "--bootstrap-servers", &broker.bootstrap])
+        .args(["--topic", &topic, "--listen", "127.0.0.1:0"])
+        .arg("--files")
+        .arg(cwd.path().join("nowhere"));
+    let dashboard = Running::spawn(cmd);
+    let address = dashboard.listening_address();
+    let get = |path: &str| http(&address, "GET", path, None);
+
+    // The files a consumer would have published from these snapshots.
+    wait_until(
+        "partition 2 from the topic",
+        Duration::from_secs(30),
+        || get("/partition-2.json").0 == 200,
+    );
+    let (status, headers, body) = get("/partition-0.json");
+    assert_eq!(
+        (status, headers["content-type"].as_str()),
+        (200, "application/json")
+    );
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        partition_json(0, 62, &p0).unwrap()
+    );
+    assert_eq!(get("/partition-1.json").0, 404);
+    let (status, _, body) = get("/month.svg");
+    assert_eq!(status, 200);
+    let svg = String::from_utf8(body).unwrap();
+    assert!(
+        // Each month's latest year, as month.svg draws it.
+        svg.contains("January-1991") && svg.contains("March-1990") && !svg.contains("January-1990"),
+        "{svg}"
+    );
+    let state: Value = serde_json::from_slice(&get("/api/state").2).unwrap();
+    assert_eq!(state["partitions"][0]["offset"], json!(62));
+    assert!(state["partitions"][0]["writer"]
+        .as_str()
+        .is_some_and(|w| w.contains('/')));
+    assert!(state["source"].as_str().unwrap().contains(&snapshot_topic));
+
+    let browser = Browser::start(None);
+    browser.open(&format!("http://{address}/"));
+    browser.wait_for_text("[data-cell='January-1990']", "19.32");
+    browser.wait_for_text("[data-cell='March-1990']", "40.00");
+    browser.wait_for_text("[data-offset='0']", "62");
+    assert!(browser.text("#partitions").contains("snapshot by"));
+
+    // A new snapshot shows without a reload.
+    browser.script("window.__sameLoad = 'yes'; return null;");
+    let p0_later: Aggregates = [
+        stats(1, 1990, 31, 620.0),
+        stats(1, 1991, 31, 178.0),
+        stats(2, 1991, 28, 560.0),
+    ]
+    .into();
+    write(&snapshot_of(0, 90, p0_later.clone()), now_ms + 1_000);
+    browser.wait_for_text("[data-offset='0']", "90");
+    browser.wait_for_text("[data-cell='January-1990']", "20.00");
+    browser.wait_for_text("[data-cell='February-1991']", "20.00");
+    assert_eq!(
+        browser.script("return window.__sameLoad || 'reloaded';"),
+        json!("yes")
+    );
+
+    // A zombie's older snapshot written after it, then garbage: the
+    // garbage's warning shows both were read, and the page kept the newer.
+    write(&snapshot_of(0, 70, p0), now_ms + 2_000);
+    let raw: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    raw.send(
+        rdkafka::producer::BaseRecord::to(&snapshot_topic)
+            .partition(0)
+            .key("0")
+            .payload("not a snapshot"),
+    )
+    .unwrap();
+    rdkafka::producer::Producer::flush(&raw, Duration::from_secs(10)).unwrap();
+    wait_until("the garbage to be skipped", Duration::from_secs(20), || {
+        dashboard
+            .stderr_text()
+            .contains("partition 0: skipped the record at offset")
+    });
+    let (_, _, body) = get("/partition-0.json");
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        partition_json(0, 90, &p0_later).unwrap()
+    );
+    browser.wait_for_text("[data-offset='0']", "90");
+
+    drop(browser);
+    drop(dashboard);
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "the dashboard wrote into its folder"
+    );
 }

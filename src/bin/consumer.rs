@@ -70,6 +70,34 @@ struct Group {
 }
 
 #[derive(Args)]
+struct SnapshotArgs {
+    /// Compacted topic of the partitions' snapshots, from which a partition
+    /// starting on an empty or older state is restored; created when
+    /// missing [default: <topic>-snapshots]
+    #[arg(long, env = "SNAPSHOT_TOPIC", value_name = "TOPIC")]
+    snapshot_topic: Option<String>,
+    /// Seconds between two snapshots of a partition (and always one at a
+    /// clean stop)
+    #[arg(long, env = "SNAPSHOT_INTERVAL", value_name = "SECONDS",
+          default_value = "5", value_parser = config::parse_seconds)]
+    snapshot_interval: std::time::Duration,
+    /// Write and restore no snapshots
+    #[arg(long, conflicts_with = "snapshot_topic")]
+    no_snapshots: bool,
+}
+
+impl SnapshotArgs {
+    fn settings(self, topic: &str) -> Option<consumer::SnapshotSettings> {
+        (!self.no_snapshots).then(|| consumer::SnapshotSettings {
+            topic: self
+                .snapshot_topic
+                .unwrap_or_else(|| weatherstream::changelog::default_topic(topic)),
+            interval: self.snapshot_interval,
+        })
+    }
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Partitions to consume, e.g. `0 2`
     #[arg(required = true, value_name = "PARTITION")]
@@ -91,6 +119,13 @@ struct RunArgs {
     /// Commit no offsets to the consumer group
     #[arg(long)]
     no_group_offsets: bool,
+    #[command(flatten)]
+    snapshots: SnapshotArgs,
+    /// When the offset to resume from is below the log start (records the
+    /// statistics need were deleted), count from the log start instead of
+    /// stopping: the partition's statistics are then PARTIAL
+    #[arg(long)]
+    count_from_log_start: bool,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
     #[arg(long, env = "CONSUMER_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -105,13 +140,26 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Rebuild partition-N.json and month.svg from the state, without Kafka
+    /// Rebuild partition-N.json and month.svg from the state, without
+    /// Kafka; or, with --from-kafka, from the snapshot topic alone
     Export {
-        /// Partitions to export [default: every partition in the state folder]
+        /// Partitions to export [default: every partition in the state
+        /// folder; with --from-kafka, every partition of the snapshot topic]
         #[arg(value_name = "PARTITION")]
         partitions: Vec<PartitionId>,
         #[command(flatten)]
         folders: Folders,
+        /// Read each partition's newest snapshot from the snapshot topic
+        /// instead of the state folder (which is neither read nor written)
+        #[arg(long)]
+        from_kafka: bool,
+        #[command(flatten)]
+        connection: config::Connection,
+        #[command(flatten)]
+        group: Group,
+        /// The snapshot topic [default: <topic>-snapshots]
+        #[arg(long, env = "SNAPSHOT_TOPIC", value_name = "TOPIC")]
+        snapshot_topic: Option<String>,
     },
     /// Recompute the statistics from the topic and compare them with the
     /// state (or, for a partition a running consumer holds, its published
@@ -150,7 +198,28 @@ fn main() -> ExitCode {
         Some(Command::Export {
             partitions,
             folders,
+            from_kafka: false,
+            ..
         }) => export::run(&folders.files_dir, &folders.state_dir(), &partitions),
+        Some(Command::Export {
+            partitions,
+            folders,
+            from_kafka: true,
+            connection,
+            group,
+            snapshot_topic,
+        }) => {
+            let mut client = connection.client.settings();
+            let group_id = group.resolve(&mut client);
+            let from = export::FromKafka {
+                client,
+                group_id,
+                snapshot_topic: snapshot_topic
+                    .unwrap_or_else(|| weatherstream::changelog::default_topic(&connection.topic)),
+                source_topic: connection.topic,
+            };
+            export::run_from_kafka(&from, &folders.files_dir, &partitions)
+        }
         Some(Command::Verify {
             partitions,
             connection,
@@ -218,6 +287,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         fetch_wait_ms: args.fetch.fetch_wait_ms.unwrap_or(resolved.fetch_wait_ms),
         group_id: args.group.group_id.unwrap_or(resolved.group_id),
         commit_group_offsets: !args.no_group_offsets,
+        snapshots: args.snapshots.settings(&resolved.topic),
+        count_from_log_start: args.count_from_log_start,
         metrics_addr: args.metrics_addr,
         web: args.web.load(),
         progress_interval: if args.quiet {

@@ -3,20 +3,41 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use weatherstream::config;
-use weatherstream::dashboard::{self, DashboardConfig};
+use weatherstream::dashboard::{self, DashboardConfig, DashboardSource};
+use weatherstream::export::FromKafka;
 
 /// Serves the live dashboard of the files folder: month.svg, every
 /// partition's offset and freshness, a month x year table and a chart of
 /// each month's average over the years, updated within a second of a
-/// publish. Read-only: it never writes to the folder.
+/// publish. Read-only: it never writes to the folder. With --from-kafka it
+/// shows the snapshot topic instead, and needs no folder.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     #[command(flatten)]
     stop: config::StopArgs,
-    /// Folder of partition-N.json and month.svg
+    /// Folder of partition-N.json and month.svg (not read with --from-kafka)
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,
+    /// Show each partition's newest snapshot from the snapshot topic, and
+    /// follow it, instead of a files folder
+    #[arg(long)]
+    from_kafka: bool,
+    /// The snapshot topic, with --from-kafka [default: <topic>-snapshots]
+    #[arg(
+        long,
+        env = "SNAPSHOT_TOPIC",
+        value_name = "TOPIC",
+        requires = "from_kafka"
+    )]
+    snapshot_topic: Option<String>,
+    /// Consumer group the snapshot reader names (for ACLs: it joins no
+    /// group and commits nothing); over group.id of --client-config and -X
+    /// [default: weatherstream]
+    #[arg(long, value_name = "GROUP", requires = "from_kafka")]
+    group_id: Option<String>,
+    #[command(flatten)]
+    connection: config::Connection,
     /// Address to serve on
     #[arg(
         long,
@@ -32,8 +53,27 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = config::parse();
     config::init_logging();
+    let source = if args.from_kafka {
+        let mut client = args.connection.client.settings();
+        let group_id = config::flag_over_property(
+            args.group_id,
+            &mut client,
+            "group.id",
+            weatherstream::kafka::DEFAULT_GROUP_ID,
+        );
+        DashboardSource::Kafka(FromKafka {
+            client,
+            group_id,
+            snapshot_topic: args
+                .snapshot_topic
+                .unwrap_or_else(|| weatherstream::changelog::default_topic(&args.connection.topic)),
+            source_topic: args.connection.topic,
+        })
+    } else {
+        DashboardSource::Files(args.files_dir)
+    };
     let config = DashboardConfig {
-        files_dir: args.files_dir,
+        source,
         listen: args.listen,
         web: args.web.load(),
     };

@@ -7,6 +7,10 @@
 //! any other path, `/../` and its encodings included, is 404, and the server
 //! never writes.
 //!
+//! With `--from-kafka` the same paths are served from the snapshot topic
+//! instead of a folder ([`view`]): each partition's newest snapshot, its
+//! file rendered as the consumer renders it, and the chart drawn from them.
+//!
 //! It is served by [`crate::web`], the server `/metrics` runs on too: bounded
 //! connections and deadlines, and TLS and basic auth when `--web-config-file`
 //! asks for them.
@@ -18,34 +22,64 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use serde_json::{json, Map, Value};
 
+use crate::commands::export::FromKafka;
 use crate::kafka::PartitionId;
+use crate::publish::chart;
 use crate::shutdown::Shutdown;
 use crate::store::folders::{self, partition_files};
 use crate::store::published::{self, parse_partition_json};
 use crate::web::{Page, WebConfig, WebServer};
+
+mod view;
+
+use view::SnapshotView;
 
 /// The page, embedded: it works offline and from a container.
 const PAGE: &str = include_str!("dashboard/index.html");
 /// What `dashboard` is asked to do.
 #[derive(Debug, Clone)]
 pub struct DashboardConfig {
-    pub files_dir: PathBuf,
+    pub source: DashboardSource,
     pub listen: String,
     /// TLS and basic auth (`--web-config-file`); plain HTTP without.
     pub web: Option<Arc<WebConfig>>,
 }
 
+/// Where the statistics come from.
+#[derive(Debug, Clone)]
+pub enum DashboardSource {
+    /// A files folder, as the consumer publishes it.
+    Files(PathBuf),
+    /// The snapshot topic, followed (`--from-kafka`).
+    Kafka(FromKafka),
+}
+
 /// Serves until shutdown.
 pub fn run(config: &DashboardConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let server = start(&config.files_dir, &config.listen, config.web.clone())?;
-    println!(
-        "dashboard: {}/ (files in {}); Ctrl-C stops it",
-        server.url(),
-        config.files_dir.display()
-    );
+    let (route, shown): (Router, String) = match &config.source {
+        DashboardSource::Files(files_dir) => {
+            let files_dir = files_dir.clone();
+            let shown = format!("files in {}", files_dir.display());
+            (Arc::new(move |path| route(path, &files_dir)), shown)
+        }
+        DashboardSource::Kafka(from) => {
+            let view = Arc::new(
+                SnapshotView::start(from.clone(), shutdown)
+                    .context("starting the snapshot reader")?,
+            );
+            let shown = format!("snapshots in {:?}", from.snapshot_topic);
+            (Arc::new(move |path| route_view(path, &view)), shown)
+        }
+    };
+    let listen = &config.listen;
+    let server = WebServer::start("dashboard-http", listen, config.web.clone(), route)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("dashboard: {}/ ({shown}); Ctrl-C stops it", server.url());
     while !shutdown.wait(Duration::from_secs(1)) {}
     Ok(())
 }
+
+type Router = Arc<dyn Fn(&str) -> Page + Send + Sync>;
 
 /// Binds `listen` (an error names the address) and serves the files
 /// folder until the returned server is dropped.
@@ -162,6 +196,76 @@ pub(crate) fn state_json(files_dir: &Path) -> Value {
         modified_unix_ms(&folders::chart_file(files_dir)).map_or(Value::Null, Value::from),
     );
     Value::Object(top)
+}
+
+/// The paths of [`route`], from the snapshot topic: the same bodies a
+/// folder published from these snapshots would give.
+fn route_view(path: &str, view: &SnapshotView) -> Page {
+    match path {
+        "/" | "/index.html" => Page::ok("text/html; charset=utf-8", PAGE),
+        "/api/state" => Page::ok(
+            "application/json",
+            serde_json::to_vec(&view_json(view)).unwrap_or_default(),
+        ),
+        "/month.svg" => {
+            let newest = view.newest();
+            let inputs: Vec<_> = newest
+                .values()
+                .map(|record| chart::chart_input(&record.snapshot.aggregates))
+                .collect();
+            match chart::render_svg(&chart::bars_of(&inputs)) {
+                Ok(svg) => Page::ok("image/svg+xml", svg),
+                Err(_) => Page::not_found(),
+            }
+        }
+        _ => match partition_number(path).and_then(|n| view.newest().remove(&n)) {
+            Some(record) => {
+                let snapshot = &record.snapshot;
+                match published::partition_json(
+                    snapshot.partition,
+                    snapshot.next_offset,
+                    &snapshot.aggregates,
+                ) {
+                    Ok(text) => Page::ok("application/json", text),
+                    Err(_) => Page::not_found(),
+                }
+            }
+            None => Page::not_found(),
+        },
+    }
+}
+
+/// [`state_json`] of the snapshot topic: a partition's time is when its
+/// snapshot was written, and `writer` says by whom.
+fn view_json(view: &SnapshotView) -> Value {
+    let newest = view.newest();
+    let mut partitions = Vec::new();
+    for (partition, record) in &newest {
+        let snapshot = &record.snapshot;
+        let Ok(Value::Object(top)) =
+            published::partition_value(*partition, snapshot.next_offset, &snapshot.aggregates)
+        else {
+            continue;
+        };
+        let months: Map<String, Value> = top
+            .into_iter()
+            .filter(|(key, _)| key != "partition" && key != "offset")
+            .collect();
+        partitions.push(json!({
+            "partition": partition,
+            "file": format!("partition-{partition}.json"),
+            "modified_unix_ms": record.written_unix_ms,
+            "offset": snapshot.next_offset,
+            "writer": record.writer,
+            "months": Value::Object(months),
+        }));
+    }
+    json!({
+        "now_unix_ms": now_unix_ms(),
+        "source": format!("the snapshot topic {:?}", view.snapshot_topic),
+        "partitions": partitions,
+        "chart_modified_unix_ms": newest.values().map(|r| r.written_unix_ms).max(),
+    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use crate::producer::{self, ProducerConfig, TopicStart};
 use crate::publish::chart;
 use crate::shutdown::Shutdown;
 use crate::store::atomic_file;
+use crate::store::changelog;
 use crate::store::folders::{self, partition_files};
 use crate::store::published::parse_partition_json;
 use crate::web::WebConfig;
@@ -83,6 +84,11 @@ impl EmbeddedBroker {
         this.cluster()?
             .create_topic(DEFAULT_TOPIC, PARTITIONS, 1)
             .context("creating the demo topic")?;
+        // The mock cluster does not answer a CreateTopics with topic
+        // configs: its snapshot topic is made here, as its topic is.
+        this.cluster()?
+            .create_topic(&changelog::default_topic(DEFAULT_TOPIC), PARTITIONS, 1)
+            .context("creating the demo's snapshot topic")?;
         Ok(this)
     }
 

@@ -96,7 +96,7 @@ pub struct StopArgs {
     /// exits with status 1, keeping every committed batch (a second signal
     /// exits at once)
     #[arg(long, env = "SHUTDOWN_TIMEOUT", value_name = "SECONDS",
-          default_value = "10", value_parser = parse_shutdown_timeout)]
+          default_value = "10", value_parser = parse_seconds)]
     pub shutdown_timeout: Duration,
 }
 
@@ -107,8 +107,9 @@ impl StopArgs {
     }
 }
 
-/// Parses `--shutdown-timeout SECONDS`: more than 0, at most an hour.
-pub fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
+/// Parses a number of seconds (`--shutdown-timeout`, `--snapshot-interval`):
+/// more than 0, at most an hour.
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     let value: f64 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number of seconds"))?;
@@ -263,13 +264,10 @@ mod tests {
 
     #[test]
     fn shutdown_timeout_is_a_positive_number_of_seconds() {
-        assert_eq!(parse_shutdown_timeout("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(
-            parse_shutdown_timeout("0.5"),
-            Ok(Duration::from_millis(500))
-        );
+        assert_eq!(parse_seconds("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
         for bad in ["0", "-1", "NaN", "inf", "3601", "soon"] {
-            assert!(parse_shutdown_timeout(bad).is_err(), "{bad}");
+            assert!(parse_seconds(bad).is_err(), "{bad}");
         }
     }
 }

@@ -26,6 +26,7 @@ mod group_offsets;
 mod machine;
 mod partition;
 mod recheck;
+mod restore;
 mod stall;
 mod worker;
 
@@ -39,8 +40,10 @@ use anyhow::{anyhow, bail, Context as _};
 use crate::kafka::link::BrokerLink;
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
 use crate::publish::metrics::Metrics;
+pub use crate::publish::snapshots::{SnapshotSettings, DEFAULT_SNAPSHOT_INTERVAL};
 use crate::shutdown::Shutdown;
 use crate::store::atomic_file;
+use crate::store::changelog;
 use crate::store::snapshot::Snapshot;
 use crate::web::WebConfig;
 use partition::{Claimed, PartitionRun, Pipeline};
@@ -98,6 +101,12 @@ pub struct ConsumerConfig {
     pub group_id: String,
     /// Commit offsets to `group_id`.
     pub commit_group_offsets: bool,
+    /// The snapshot topic and interval; None: no snapshots are written or
+    /// restored (`--no-snapshots`).
+    pub snapshots: Option<SnapshotSettings>,
+    /// When the offset to resume from is below the log start: count from
+    /// the log start (the statistics are then partial) instead of failing.
+    pub count_from_log_start: bool,
 }
 
 impl ConsumerConfig {
@@ -126,9 +135,9 @@ impl ConsumerConfig {
             .take("fetch.wait.max.ms")
             .and_then(|ms| ms.parse().ok())
             .unwrap_or(DEFAULT_FETCH_WAIT_MS);
+        let topic = topic.into();
         ConsumerConfig {
             client,
-            topic: topic.into(),
             files_dir,
             state_dir,
             partitions,
@@ -140,6 +149,12 @@ impl ConsumerConfig {
             render_chart: true,
             metrics_addr: None,
             web: None,
+            snapshots: Some(SnapshotSettings {
+                topic: changelog::default_topic(&topic),
+                interval: DEFAULT_SNAPSHOT_INTERVAL,
+            }),
+            count_from_log_start: false,
+            topic,
             group_id,
             commit_group_offsets: true,
         }

@@ -20,12 +20,13 @@ use super::clients::{ClientObserver, SharedClient};
 use super::group_offsets::GroupCommitter;
 use super::machine::{CheckOutcome, CheckRequest};
 use super::worker::{PartitionWorker, WorkerSetup};
-use super::{recheck, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
+use super::{recheck, restore, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
 use crate::kafka::link::BrokerLink;
 use crate::kafka::PartitionId;
 use crate::model::aggregate::Aggregates;
 use crate::publish::exporter::{CommittedSnapshot, Exporter, ToExporter};
 use crate::publish::metrics::{Metrics, PartitionMetrics};
+use crate::publish::snapshots::SnapshotWriter;
 use crate::shutdown::Shutdown;
 use crate::store::folders::{self, partition_file, Folders};
 use crate::store::published;
@@ -52,11 +53,14 @@ pub(super) struct Pipeline {
     config: ConsumerConfig,
     metrics: Arc<Metrics>,
     exporter: Exporter,
+    /// The snapshot writer; None without snapshots.
+    snapshots: Option<SnapshotWriter>,
     /// One view of the brokers for the whole process: an outage is one
     /// warning, not one per partition.
     link: Arc<BrokerLink>,
     shared: Arc<SharedClient>,
     group: Option<GroupCommitter>,
+    start_readers: restore::StartReaders,
     shutdown: Shutdown,
 }
 
@@ -67,12 +71,21 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let exporter = Exporter::spawn(
+        let snapshots = match &config.snapshots {
+            Some(settings) => {
+                SnapshotWriter::start(&config.client, &config.topic, settings, metrics.clone())?
+            }
+            None => None,
+        };
+        let mut exporter = Exporter::spawn(
             Folders::new(&config.files_dir, &config.state_dir),
             config.render_chart,
             Some(metrics.clone()),
         )
         .context("starting the exporter thread")?;
+        if let Some(writer) = &snapshots {
+            exporter = exporter.with_snapshots(writer.sender());
+        }
         let link = Arc::new(BrokerLink::new(
             "the partitions wait, keeping their committed state",
         ));
@@ -93,9 +106,11 @@ impl Pipeline {
             config: config.clone(),
             metrics,
             exporter,
+            snapshots,
             link,
             shared,
             group,
+            start_readers: restore::StartReaders::default(),
             shutdown: shutdown.clone(),
         })
     }
@@ -110,11 +125,25 @@ impl Pipeline {
         let Claimed { mut state } = claimed;
         let config = &self.config;
         let partition = state.snapshot().partition;
-        let probe_context = ClientObserver::new(
-            self.link.clone(),
-            self.metrics.fetch_requests(&format!("verify-{partition}")),
-        );
-        reconcile_at_start(config, &mut state, probe_context, &self.shutdown)?;
+        let probe_context = || {
+            ClientObserver::new(
+                self.link.clone(),
+                self.metrics.fetch_requests(&format!("verify-{partition}")),
+            )
+        };
+        reconcile_at_start(config, &mut state, probe_context(), &self.shutdown)?;
+        if let Some(settings) = &config.snapshots {
+            restore::restore_from_snapshots(
+                config,
+                settings,
+                &self.start_readers,
+                &mut state,
+                probe_context(),
+                &self.shutdown,
+                &self.metrics,
+            )?;
+        }
+        restore::check_log_start(config, &self.start_readers, &mut state)?;
         let snapshot = state.snapshot();
         if let Some(group) = &self.group {
             group.offsets().committed(partition, snapshot.next_offset);
@@ -155,6 +184,9 @@ impl Pipeline {
             group.finish();
         }
         self.exporter.finish();
+        if let Some(snapshots) = self.snapshots {
+            snapshots.finish();
+        }
     }
 }
 
@@ -434,6 +466,10 @@ mod tests {
         let servers = {
             let cluster = holder.client().mock_cluster().unwrap();
             cluster.create_topic(TOPIC, 4, 1).unwrap();
+            // The mock cluster does not always answer CreateTopics.
+            cluster
+                .create_topic(&crate::store::changelog::default_topic(TOPIC), 4, 1)
+                .unwrap();
             cluster.bootstrap_servers()
         };
         (holder, servers)
@@ -553,5 +589,125 @@ mod tests {
                 "partition {partition}"
             );
         }
+    }
+
+    fn mock_config(servers: &str, dir: &Path, partitions: Vec<PartitionId>) -> ConsumerConfig {
+        ConsumerConfig {
+            fetch_wait_ms: 5,
+            progress_interval: None,
+            commit_group_offsets: false,
+            ..ConsumerConfig::new(
+                ClientSettings::plaintext(servers),
+                TOPIC,
+                dir.to_path_buf(),
+                dir.join("state"),
+                partitions,
+            )
+        }
+    }
+
+    #[test]
+    fn an_unwritable_snapshot_topic_is_one_failure_and_the_counts_go_on() {
+        let (broker, servers) = mock_broker();
+        let dir = tempfile::tempdir().unwrap();
+        let config = mock_config(&servers, dir.path(), vec![0]);
+        std::fs::create_dir_all(&config.state_dir).unwrap();
+        produce(&servers, 0, 0, 40);
+        // From now on every produce request is refused as an ACL would.
+        let cluster = broker.client().mock_cluster().unwrap();
+        cluster.request_errors(
+            rdkafka_sys::types::RDKafkaApiKey::Produce,
+            &[rdkafka_sys::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
+        );
+        let metrics = Metrics::new();
+        let shutdown = Shutdown::new();
+        let pipeline = Pipeline::start(&config, metrics.clone(), &shutdown).unwrap();
+        let run = pipeline
+            .run(Claimed::open(&config.state_dir, 0).unwrap())
+            .unwrap();
+        wait_for("partition 0 at offset 40", || {
+            published_offset(&config, 0) == Some(40)
+        });
+        wait_for("the refused snapshot", || {
+            metrics
+                .encode()
+                .contains("weatherstream_snapshots_failed_total{partition=\"0\"} 1")
+        });
+        shutdown.request();
+        let last = run.stop(Duration::from_secs(10)).unwrap();
+        pipeline.finish();
+        assert_eq!((last.next_offset, last.counters.counted), (40, 40));
+        // Refused once, then never tried again, not even at the stop.
+        let text = metrics.encode();
+        assert!(
+            text.contains("weatherstream_snapshots_failed_total{partition=\"0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("weatherstream_snapshots_written_total{partition=\"0\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_offset_below_the_log_start_is_refused_unless_partial_counts_are_asked_for() {
+        let (_broker, servers) = mock_broker();
+        let dir = tempfile::tempdir().unwrap();
+        let config = mock_config(&servers, dir.path(), vec![2]);
+        std::fs::create_dir_all(&config.state_dir).unwrap();
+        // librdkafka's mock broker keeps 5 MiB per partition: more moves
+        // its log start past offset 0, as retention would.
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .create()
+            .unwrap();
+        // Each under the consumer's 512 KiB fetch limit, which the mock
+        // broker keeps to.
+        let big = vec![b'x'; 400_000];
+        for _ in 0..16 {
+            producer
+                .send(BaseRecord::to(TOPIC).partition(2).key("June").payload(&big))
+                .unwrap();
+            producer.flush(Duration::from_secs(30)).unwrap();
+        }
+        produce(&servers, 2, 0, 10);
+        let (log_start, end) = producer
+            .client()
+            .fetch_watermarks(TOPIC, 2, Duration::from_secs(10))
+            .unwrap();
+        assert!(log_start > 0 && end == 26, "{log_start}..{end}");
+
+        let shutdown = Shutdown::new();
+        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let error = pipeline
+            .run(Claimed::open(&config.state_dir, 2).unwrap())
+            .err()
+            .expect("a new partition cannot count a log that lost its start");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains(&format!(
+                "the offset to resume from, 0, is below the log start of topic \"{TOPIC}\" partition 2, {log_start}"
+            )) && message.contains("--count-from-log-start"),
+            "{message}"
+        );
+        pipeline.finish();
+        assert_eq!(published_offset(&config, 2), None);
+
+        let config = ConsumerConfig {
+            count_from_log_start: true,
+            ..config
+        };
+        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let run = pipeline
+            .run(Claimed::open(&config.state_dir, 2).unwrap())
+            .unwrap();
+        wait_for("partition 2 at its end", || {
+            published_offset(&config, 2) == Some(26)
+        });
+        shutdown.request();
+        let last = run.stop(Duration::from_secs(10)).unwrap();
+        pipeline.finish();
+        // The big records left in the log are no reports: only the ten are.
+        assert_eq!(last.counters.counted, 10);
     }
 }

@@ -22,6 +22,7 @@ use thiserror::Error;
 
 pub(crate) mod link;
 mod settings;
+pub(crate) mod tail;
 
 pub use settings::{ClientSettings, Resolved, SettingsError, SettingsSources};
 
@@ -425,23 +426,38 @@ impl TopicAdmin {
         })
     }
 
-    /// Every topic the broker lists, with its partition count.
-    pub(crate) fn topics(&self) -> Result<BTreeMap<String, usize>, AdminError> {
-        let metadata = self
-            .admin
+    /// The broker's metadata of every topic.
+    fn metadata(&self) -> Result<rdkafka::metadata::Metadata, AdminError> {
+        self.admin
             .inner()
             .fetch_metadata(None, CONNECT_TIMEOUT)
             .map_err(|source| AdminError::Unreachable {
                 servers: self.servers.clone(),
                 timeout: CONNECT_TIMEOUT,
                 reason: source.to_string(),
-            })?;
-        Ok(metadata
+            })
+    }
+
+    /// Every topic the broker lists, with its partition count.
+    pub(crate) fn topics(&self) -> Result<BTreeMap<String, usize>, AdminError> {
+        Ok(self
+            .metadata()?
             .topics()
             .iter()
             .filter(|t| t.error().is_none())
             .map(|t| (t.name().to_string(), t.partitions().len()))
             .collect())
+    }
+
+    /// The replicas of `topic`'s first partition, or None when the broker
+    /// does not list it.
+    pub(crate) fn replica_count(&self, topic: &str) -> Result<Option<usize>, AdminError> {
+        Ok(self
+            .metadata()?
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .and_then(|t| t.partitions().first().map(|p| p.replicas().len())))
     }
 
     /// The partition count of `topic`, or None when the broker does not list it.
@@ -476,12 +492,30 @@ impl TopicAdmin {
         partitions: i32,
         replication_factor: i32,
     ) -> Result<bool, AdminError> {
-        let options = AdminOptions::new().operation_timeout(Some(ADMIN_OPERATION_TIMEOUT));
-        let new_topic = NewTopic::new(
+        self.create_topic_with(topic, partitions, replication_factor, &[])
+    }
+
+    /// [`TopicAdmin::create_topic`] with topic configs (`cleanup.policy`...).
+    pub(crate) fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication_factor: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<bool, AdminError> {
+        // The request's own timeout too: a broker that never answers
+        // CreateTopics (librdkafka's mock cluster) must not hold a start.
+        let options = AdminOptions::new()
+            .operation_timeout(Some(ADMIN_OPERATION_TIMEOUT))
+            .request_timeout(Some(ADMIN_OPERATION_TIMEOUT + ADMIN_OPERATION_TIMEOUT));
+        let mut new_topic = NewTopic::new(
             topic,
             partitions,
             TopicReplication::Fixed(replication_factor),
         );
+        for (key, value) in configs {
+            new_topic = new_topic.set(key, value);
+        }
         let results = block_on(self.admin.create_topics(&[new_topic], &options))?;
         for result in results {
             match result {

@@ -17,6 +17,7 @@ use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::publish::chart::{chart_input, ChartInput, ChartRenderer};
 use crate::publish::metrics::{Metrics, PartitionMetrics};
+use crate::publish::snapshots::ToSnapshots;
 use crate::store::folders::Folders;
 use crate::store::proof::Proof;
 use crate::store::snapshot::Snapshot;
@@ -126,9 +127,10 @@ enum Export {
     },
 }
 
-/// A worker's way to the exporter; the exporter ends when all are dropped.
+/// A worker's way to the exporter, and to the snapshot writer when there
+/// is one; the exporter ends when all are dropped.
 #[derive(Clone)]
-pub(crate) struct ToExporter(Sender<Export>);
+pub(crate) struct ToExporter(Sender<Export>, Option<ToSnapshots>);
 
 /// The exporter has stopped (its thread ended).
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,9 @@ pub(crate) struct ExporterStopped;
 impl ToExporter {
     /// Hands a committed snapshot over; it is published when due.
     pub(crate) fn publish(&self, committed: CommittedSnapshot) -> Result<(), ExporterStopped> {
+        if let Some(snapshots) = &self.1 {
+            snapshots.offer(&committed.snapshot);
+        }
         self.0
             .send(Export::CommittedSnapshot(committed))
             .map_err(|_| ExporterStopped)
@@ -148,6 +153,9 @@ impl ToExporter {
     /// `timeout`; the exporter then forgets the partition.
     pub(crate) fn release(&self, snapshot: Arc<Snapshot>, timeout: Duration) -> anyhow::Result<()> {
         let partition = snapshot.partition;
+        if let Some(snapshots) = &self.1 {
+            snapshots.last(&snapshot);
+        }
         let (done, answer) = crossbeam_channel::bounded(1);
         self.0
             .send(Export::Release { snapshot, done })
@@ -188,9 +196,18 @@ impl Exporter {
         let (sender, receiver) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let thread = crate::shutdown::spawn("exporter", move || export.run(receiver))?;
         Ok(Exporter {
-            sender: Some(ToExporter(sender)),
+            sender: Some(ToExporter(sender, None)),
             thread: Some(thread),
         })
+    }
+
+    /// Every committed snapshot handed over from now on goes to the
+    /// snapshot writer too.
+    pub(crate) fn with_snapshots(mut self, snapshots: ToSnapshots) -> Self {
+        if let Some(sender) = &mut self.sender {
+            sender.1 = Some(snapshots);
+        }
+        self
     }
 
     /// A sender for one worker; the exporter ends when all are dropped.

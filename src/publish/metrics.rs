@@ -42,6 +42,33 @@ pub(crate) struct Metrics {
     progress_stalled: IntGaugeVec,
     fetch_requests: IntCounterVec,
     fsyncs: IntCounter,
+    snapshots_written: IntCounterVec,
+    snapshots_failed: IntCounterVec,
+    snapshot_bytes: IntCounterVec,
+    snapshot_offset: IntGaugeVec,
+    restore_seconds: GaugeVec,
+}
+
+/// One partition's snapshot-topic handles.
+#[derive(Clone)]
+pub(crate) struct SnapshotMetrics {
+    written: IntCounter,
+    failed: IntCounter,
+    bytes: IntCounter,
+    offset: IntGauge,
+}
+
+impl SnapshotMetrics {
+    /// A snapshot of `bytes` at `next_offset` was written (acknowledged).
+    pub(crate) fn written(&self, bytes: usize, next_offset: Offset) {
+        self.written.inc();
+        self.bytes.inc_by(bytes as u64);
+        self.offset.set(next_offset);
+    }
+
+    pub(crate) fn failed(&self) {
+        self.failed.inc();
+    }
 }
 
 /// One partition's handles: updating them takes no lookup.
@@ -172,7 +199,39 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let snapshots_written = counter(
+            "weatherstream_snapshots_written_total",
+            "Snapshots written to the snapshot topic and acknowledged",
+        );
+        let snapshots_failed = counter(
+            "weatherstream_snapshots_failed_total",
+            "Snapshots the snapshot topic refused or did not acknowledge in time (retried later)",
+        );
+        let snapshot_bytes = counter(
+            "weatherstream_snapshot_bytes_total",
+            "Bytes of the snapshot records written (values), acknowledged",
+        );
+        let snapshot_offset = int_gauge(
+            "weatherstream_snapshot_offset",
+            "Next offset of the partition's last snapshot written",
+        );
+        let restore_seconds = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "weatherstream_restore_duration_seconds",
+                    "Time the partition's last start spent reading and checking its snapshots",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
         Arc::new(Metrics {
+            snapshots_written,
+            snapshots_failed,
+            snapshot_bytes,
+            snapshot_offset,
+            restore_seconds,
             registry,
             next_offset,
             lag,
@@ -210,6 +269,25 @@ impl Metrics {
             progress_stalled: self.progress_stalled.with_label_values(&values),
             partition: label,
         }
+    }
+
+    /// The snapshot-topic handles of one partition.
+    pub(crate) fn snapshots(&self, partition: PartitionId) -> SnapshotMetrics {
+        let label = partition.to_string();
+        let values = [label.as_str()];
+        SnapshotMetrics {
+            written: self.snapshots_written.with_label_values(&values),
+            failed: self.snapshots_failed.with_label_values(&values),
+            bytes: self.snapshot_bytes.with_label_values(&values),
+            offset: self.snapshot_offset.with_label_values(&values),
+        }
+    }
+
+    /// How long the start of `partition` spent on its snapshots.
+    pub(crate) fn restored(&self, partition: PartitionId, took: Duration) {
+        self.restore_seconds
+            .with_label_values(&[partition.to_string().as_str()])
+            .set(took.as_secs_f64());
     }
 
     /// The fetch request counter of one Kafka client.

@@ -1,7 +1,9 @@
 //! What the consumer shows: the exporter thread that publishes committed
-//! snapshots ([`exporter`]), the chart ([`chart`]) and the Prometheus
-//! metrics ([`metrics`]).
+//! snapshots ([`exporter`]), the chart ([`chart`]), the Prometheus
+//! metrics ([`metrics`]) and the writer of the snapshot topic
+//! ([`snapshots`]).
 
 pub mod chart;
 pub(crate) mod exporter;
 pub(crate) mod metrics;
+pub mod snapshots;

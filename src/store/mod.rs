@@ -2,10 +2,12 @@
 //! module that touches sled), the snapshots everyone else sees
 //! ([`snapshot`]), the files folder and its paths ([`folders`]), the
 //! proofs of published files ([`proof`]), the partition-file format
-//! ([`published`]) and the one writer of files others read
-//! ([`atomic_file`]).
+//! ([`published`]), the one writer of files others read
+//! ([`atomic_file`]) and the records of the snapshot topic
+//! ([`changelog`]).
 
 pub mod atomic_file;
+pub mod changelog;
 pub mod folders;
 pub mod proof;
 pub mod published;

@@ -12,7 +12,7 @@ use crate::model::aggregate::Aggregates;
 /// Identifies one record, so a stored offset can be checked against the
 /// topic: after a topic is deleted and re-created, the record at an old
 /// offset is missing or different.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub offset: Offset,
     pub key_hash: u64,

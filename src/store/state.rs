@@ -492,6 +492,40 @@ impl PartitionState {
         epoch: u64,
         last_record: Option<Fingerprint>,
     ) -> Result<Arc<Snapshot>, StateError> {
+        self.replace(
+            next_offset,
+            aggregates,
+            epoch,
+            last_record,
+            Counters::default(),
+        )
+    }
+
+    /// Replaces the whole state with `snapshot`'s offset, statistics, last
+    /// record and counters, at `epoch`, in one transaction: a snapshot
+    /// restored from the snapshot topic, or the state moved to the log start.
+    pub(crate) fn restore(
+        &mut self,
+        snapshot: &Snapshot,
+        epoch: u64,
+    ) -> Result<Arc<Snapshot>, StateError> {
+        self.replace(
+            snapshot.next_offset,
+            snapshot.aggregates.clone(),
+            epoch,
+            snapshot.last_record,
+            snapshot.counters,
+        )
+    }
+
+    fn replace(
+        &mut self,
+        next_offset: Offset,
+        aggregates: Aggregates,
+        epoch: u64,
+        last_record: Option<Fingerprint>,
+        counters: Counters,
+    ) -> Result<Arc<Snapshot>, StateError> {
         let removes: Vec<Vec<u8>> = self
             .snapshot
             .aggregates
@@ -509,7 +543,7 @@ impl PartitionState {
         inserts.extend([
             (NEXT_OFFSET.to_vec(), next_offset.to_be_bytes().to_vec()),
             (EPOCH.to_vec(), encode(&epoch)),
-            (COUNTERS.to_vec(), encode(&Counters::default())),
+            (COUNTERS.to_vec(), encode(&counters)),
             (LAST_COMMIT_MS.to_vec(), now.to_be_bytes().to_vec()),
         ]);
         if let Some(fp) = &last_record {
@@ -522,7 +556,7 @@ impl PartitionState {
             epoch,
             next_offset,
             aggregates,
-            counters: Counters::default(),
+            counters,
             last_record,
             anchor: None,
             last_commit_unix_ms: Some(now),

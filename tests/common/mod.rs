@@ -924,6 +924,21 @@ pub fn start_dashboard(files: &Path, web_config: Option<&Path>) -> (Running, Str
     (running, address)
 }
 
+/// `consumer export --from-kafka` of `topic`'s snapshots into `files`.
+pub fn export_from_kafka(broker: &Broker, topic: &str, files: &Path) -> Output {
+    bin("consumer")
+        .args([
+            "export",
+            "--from-kafka",
+            "--bootstrap-servers",
+            &broker.bootstrap,
+        ])
+        .args(["--topic", topic, "--files"])
+        .arg(files)
+        .output()
+        .unwrap()
+}
+
 /// Published offsets of partitions 0..4 (None where no file yet).
 pub fn published_offsets(files: &Path) -> Vec<Option<i64>> {
     (0..4)
