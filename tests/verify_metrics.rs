@@ -288,6 +288,52 @@ fn metrics_are_scraped_during_a_run_and_match_what_was_produced() {
                 > 1.7e9
         );
     }
+    // Each partition's snapshot reaches its end offset (within the
+    // snapshot interval of its last commit).
+    wait_until(
+        "snapshots at the end offsets",
+        Duration::from_secs(20),
+        || {
+            body = http_get(&address, "/metrics").1;
+            ALL.iter().all(|p| {
+                sample(
+                    &body,
+                    &format!("weatherstream_snapshot_offset{{partition=\"{p}\"}}"),
+                ) == Some(ends[p] as f64)
+            })
+        },
+    );
+    for p in ALL {
+        let label = format!("{{partition=\"{p}\"}}");
+        let written = sample(
+            &body,
+            &format!("weatherstream_snapshots_written_total{label}"),
+        );
+        let bytes = sample(&body, &format!("weatherstream_snapshot_bytes_total{label}"));
+        // A snapshot holds at least its header and one month/year.
+        assert!(
+            written.is_some_and(|w| w >= 1.0)
+                && bytes.is_some_and(|b| b >= 40.0 * written.unwrap_or(0.0)),
+            "{body}"
+        );
+        assert_eq!(
+            sample(
+                &body,
+                &format!("weatherstream_snapshots_failed_total{label}")
+            ),
+            Some(0.0),
+            "{body}"
+        );
+        // The start read the (new, empty) snapshot topic.
+        assert!(
+            sample(
+                &body,
+                &format!("weatherstream_restore_duration_seconds{label}")
+            )
+            .is_some_and(|s| s > 0.0 && s < 30.0),
+            "{body}"
+        );
+    }
     let processed: f64 = ["reports_counted", "duplicates_dropped", "malformed_skipped"]
         .iter()
         .flat_map(|m| {

@@ -77,7 +77,10 @@ pub(super) fn restore_from_snapshots(
     }) {
         Ok(found) => found,
         // Nothing written there yet: nothing to restore.
-        Err(error) if error.is_unknown_partition() => return Ok(()),
+        Err(error) if error.is_unknown_partition() => {
+            metrics.restored(partition, started.elapsed());
+            return Ok(());
+        }
         Err(error) => {
             log::warn!("partition {partition}: no restore from snapshots: {error}");
             return Ok(());
@@ -88,6 +91,11 @@ pub(super) fn restore_from_snapshots(
         .filter(|record| record.snapshot.next_offset > current.next_offset)
         .collect();
     candidates.sort_by_key(|record| std::cmp::Reverse(record.snapshot.next_offset));
+    if candidates.is_empty() {
+        // The usual start: nothing ahead of the state, no probe client.
+        metrics.restored(partition, started.elapsed());
+        return Ok(());
+    }
     let probe = recheck::RecordProbe::new(config, partition, probe_context, shutdown)?;
     let mut verdicts: BTreeMap<(Fingerprint, Offset), bool> = BTreeMap::new();
     let mut rejected: Vec<SnapshotRecord> = Vec::new();
