@@ -56,30 +56,25 @@ pub enum DashboardSource {
 
 /// Serves until shutdown.
 pub fn run(config: &DashboardConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let (route, shown): (Router, String) = match &config.source {
-        DashboardSource::Files(files_dir) => {
-            let files_dir = files_dir.clone();
-            let shown = format!("files in {}", files_dir.display());
-            (Arc::new(move |path| route(path, &files_dir)), shown)
-        }
+    let (server, shown) = match &config.source {
+        DashboardSource::Files(files_dir) => (
+            start(files_dir, &config.listen, config.web.clone())?,
+            format!("files in {}", files_dir.display()),
+        ),
         DashboardSource::Kafka(from) => {
-            let view = Arc::new(
-                SnapshotView::start(from.clone(), shutdown)
-                    .context("starting the snapshot reader")?,
-            );
-            let shown = format!("snapshots in {:?}", from.snapshot_topic);
-            (Arc::new(move |path| route_view(path, &view)), shown)
+            let view = SnapshotView::start(from.clone(), shutdown)
+                .context("starting the snapshot reader")?;
+            let route = Arc::new(move |path: &str| route_view(path, &view));
+            (
+                serve(&config.listen, config.web.clone(), route)?,
+                format!("snapshots in {:?}", from.snapshot_topic),
+            )
         }
     };
-    let listen = &config.listen;
-    let server = WebServer::start("dashboard-http", listen, config.web.clone(), route)
-        .with_context(|| format!("cannot listen on {listen}"))?;
     println!("dashboard: {}/ ({shown}); Ctrl-C stops it", server.url());
     while !shutdown.wait(Duration::from_secs(1)) {}
     Ok(())
 }
-
-type Router = Arc<dyn Fn(&str) -> Page + Send + Sync>;
 
 /// Binds `listen` (an error names the address) and serves the files
 /// folder until the returned server is dropped.
@@ -89,13 +84,17 @@ pub fn start(
     web: Option<Arc<WebConfig>>,
 ) -> anyhow::Result<WebServer> {
     let files_dir = files_dir.to_path_buf();
-    WebServer::start(
-        "dashboard-http",
-        listen,
-        web,
-        Arc::new(move |path| route(path, &files_dir)),
-    )
-    .with_context(|| format!("cannot listen on {listen}"))
+    serve(listen, web, Arc::new(move |path| route(path, &files_dir)))
+}
+
+/// Serves `route` on `listen` until the returned server is dropped.
+fn serve(
+    listen: &str,
+    web: Option<Arc<WebConfig>>,
+    route: Arc<dyn Fn(&str) -> Page + Send + Sync>,
+) -> anyhow::Result<WebServer> {
+    WebServer::start("dashboard-http", listen, web, route)
+        .with_context(|| format!("cannot listen on {listen}"))
 }
 
 /// Maps a request path to a page. Only these exact paths exist, so

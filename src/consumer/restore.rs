@@ -119,7 +119,9 @@ pub(super) fn restore_from_snapshots(
             rejected.push(candidate);
             continue;
         }
-        let age_s = (now_unix_ms() - candidate.written_unix_ms).max(0) as f64 / 1000.0;
+        let age_s = (chrono::Utc::now().timestamp_millis() - candidate.written_unix_ms).max(0)
+            as f64
+            / 1000.0;
         let epoch = current.epoch.max(candidate.snapshot.epoch);
         state.restore(&candidate.snapshot, epoch)?;
         metrics.restored(partition, started.elapsed());
@@ -168,18 +170,19 @@ fn belongs_to_topic(
     next_offset: Offset,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Option<bool>> {
-    let questions = [
-        CheckRequest {
-            expected: vec![last_record],
-            adopt_offset: last_record.offset,
-            last_record: None,
-        },
-        CheckRequest {
+    let mut questions = vec![CheckRequest {
+        expected: vec![last_record],
+        adopt_offset: last_record.offset,
+        last_record: None,
+    }];
+    // Usually the last record is the one before the offset: asked once.
+    if last_record.offset != next_offset - 1 {
+        questions.push(CheckRequest {
             expected: Vec::new(),
             adopt_offset: next_offset - 1,
             last_record: None,
-        },
-    ];
+        });
+    }
     for question in &questions {
         loop {
             match recheck::check_records(probe, question, shutdown)? {
@@ -252,10 +255,4 @@ pub(super) fn check_log_start(
         ))?;
     }
     Ok(())
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -127,10 +127,30 @@ impl TailReader {
         partition: PartitionId,
         from: Offset,
     ) -> Result<Vec<TailRecord>, TailError> {
+        self.read(partition, from, usize::MAX)
+    }
+
+    /// The first record of `partition` at `offset` or after it; None at
+    /// the end of the log.
+    pub fn read_one(
+        &self,
+        partition: PartitionId,
+        offset: Offset,
+    ) -> Result<Option<TailRecord>, TailError> {
+        Ok(self.read(partition, offset, 1)?.into_iter().next())
+    }
+
+    /// At most `limit` records of `partition` from `from`, up to the end.
+    fn read(
+        &self,
+        partition: PartitionId,
+        from: Offset,
+        limit: usize,
+    ) -> Result<Vec<TailRecord>, TailError> {
         self.assign(&[(partition, from)])?;
         let mut records = Vec::new();
         let deadline = Instant::now() + READ_TIMEOUT;
-        loop {
+        while records.len() < limit {
             if Instant::now() >= deadline {
                 return Err(TailError::Timeout {
                     topic: self.topic.clone(),
@@ -143,39 +163,11 @@ impl TailReader {
                 Some(Ok(message)) if message.offset() >= from => {
                     records.push(record_of(&message));
                 }
-                Some(Ok(_)) => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+                Some(Ok(_)) | None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
-                ))) => return Ok(records),
-                Some(Err(source)) => {
-                    return Err(TailError::Read {
-                        topic: self.topic.clone(),
-                        partition,
-                        source,
-                    })
-                }
-                None => {}
-            }
-        }
-    }
-
-    /// The first record of `partition` at `offset` or after it; None at
-    /// the end of the log.
-    pub fn read_one(
-        &self,
-        partition: PartitionId,
-        offset: Offset,
-    ) -> Result<Option<TailRecord>, TailError> {
-        self.assign(&[(partition, offset)])?;
-        let deadline = Instant::now() + READ_TIMEOUT;
-        while Instant::now() < deadline {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(message)) if message.offset() >= offset => {
-                    return Ok(Some(record_of(&message)))
-                }
-                Some(Ok(_)) | None => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+                ))) => break,
                 Some(Err(source)) => {
                     return Err(TailError::Read {
                         topic: self.topic.clone(),
@@ -185,12 +177,7 @@ impl TailReader {
                 }
             }
         }
-        Err(TailError::Timeout {
-            topic: self.topic.clone(),
-            partition,
-            from: offset,
-            timeout: READ_TIMEOUT,
-        })
+        Ok(records)
     }
 
     /// Reads `partitions` from their offsets on and keeps reading: the

@@ -10,9 +10,9 @@
 //! warning naming it, and the pipeline goes on without them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rdkafka::client::ClientContext;
@@ -171,12 +171,6 @@ fn writer_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The permission an authorization error says is missing.
 fn missing_permission(code: RDKafkaErrorCode, topic: &str, action: &str) -> Option<String> {
     match code {
@@ -261,6 +255,35 @@ fn snapshot_producer(client: &ClientSettings) -> anyhow::Result<BaseProducer<Del
         .context("creating the snapshot producer")
 }
 
+/// A snapshot's record key and value.
+fn encoded(
+    source_topic: &str,
+    snapshot: &Snapshot,
+    writer: &str,
+    written_unix_ms: i64,
+) -> (String, Vec<u8>) {
+    let value = changelog::encode(source_topic, snapshot, writer, written_unix_ms);
+    (changelog::key(snapshot.partition), value)
+}
+
+/// The record of `snapshot` to its partition of `topic`, carrying what
+/// its delivery report needs.
+fn record<'a>(
+    topic: &'a str,
+    key: &'a str,
+    value: &'a [u8],
+    snapshot: &Arc<Snapshot>,
+) -> BaseRecord<'a, str, [u8], Box<Sent>> {
+    let sent = Box::new(Sent {
+        snapshot: snapshot.clone(),
+        bytes: value.len(),
+    });
+    BaseRecord::with_opaque_to(topic, sent)
+        .partition(snapshot.partition)
+        .key(key)
+        .payload(value)
+}
+
 /// What one write was.
 struct Sent {
     snapshot: Arc<Snapshot>,
@@ -272,6 +295,13 @@ struct Sent {
 #[derive(Default)]
 struct Deliveries {
     done: Mutex<Vec<(Sent, Result<(), KafkaError>)>>,
+}
+
+impl Deliveries {
+    /// The reports that came in since the last call.
+    fn take(&self) -> Vec<(Sent, Result<(), KafkaError>)> {
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 impl ClientContext for Deliveries {}
@@ -286,7 +316,7 @@ impl ProducerContext for Deliveries {
         };
         self.done
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .push((*sent, outcome));
     }
 }
@@ -403,18 +433,12 @@ impl WriteLoop {
                 continue;
             };
             self.urgent.remove(&partition);
-            let value =
-                changelog::encode(&self.source_topic, &snapshot, &self.writer, now_unix_ms());
-            let key = changelog::key(partition);
-            let sent = Box::new(Sent {
-                snapshot: snapshot.clone(),
-                bytes: value.len(),
-            });
-            let record = BaseRecord::with_opaque_to(&self.settings.topic, sent)
-                .partition(partition)
-                .key(&key)
-                .payload(&value);
-            match self.producer.send(record) {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let (key, value) = encoded(&self.source_topic, &snapshot, &self.writer, now_ms);
+            match self
+                .producer
+                .send(record(&self.settings.topic, &key, &value, &snapshot))
+            {
                 Ok(()) => {
                     self.in_flight.insert(partition);
                     self.last_sent.insert(partition, now);
@@ -428,15 +452,7 @@ impl WriteLoop {
     }
 
     fn take_deliveries(&mut self) {
-        let done = std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .done
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for (sent, outcome) in done {
+        for (sent, outcome) in self.producer.context().take() {
             let partition = sent.snapshot.partition;
             self.in_flight.remove(&partition);
             match outcome {
@@ -530,29 +546,12 @@ pub fn write_once(
     written_unix_ms: i64,
 ) -> anyhow::Result<()> {
     let producer = snapshot_producer(client)?;
-    let value = changelog::encode(source_topic, snapshot, &writer_name(), written_unix_ms);
-    let key = changelog::key(snapshot.partition);
-    let sent = Box::new(Sent {
-        snapshot: Arc::new(snapshot.clone()),
-        bytes: value.len(),
-    });
+    let (key, value) = encoded(source_topic, snapshot, &writer_name(), written_unix_ms);
     producer
-        .send(
-            BaseRecord::with_opaque_to(topic, sent)
-                .partition(snapshot.partition)
-                .key(&key)
-                .payload(&value),
-        )
+        .send(record(topic, &key, &value, &Arc::new(snapshot.clone())))
         .map_err(|(error, _)| error)?;
     producer.flush(Duration::from_secs(30))?;
-    let done = std::mem::take(
-        &mut *producer
-            .context()
-            .done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
-    match done.into_iter().next() {
+    match producer.context().take().into_iter().next() {
         Some((_, Ok(()))) => Ok(()),
         Some((_, Err(error))) => Err(error.into()),
         None => anyhow::bail!("the snapshot was not acknowledged"),
