@@ -37,7 +37,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
 
 use super::ConsumerConfig;
-use crate::kafka::link::BrokerLink;
+use crate::kafka::link::{is_outage, BrokerLink};
 use crate::kafka::{
     assign, cached_high_watermark, reading_config, Offset, PartitionId, BACKLOG_FETCH_WAIT_MS,
 };
@@ -131,7 +131,7 @@ impl ClientContext for ClientObserver {
                 .values()
                 .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
         {
-            self.link.connected();
+            self.link.connected(stats.time);
         }
         let responses: u64 = stats.brokers.values().map(|broker| broker.rx).sum();
         self.responses_seen.fetch_max(responses, Ordering::Relaxed);
@@ -164,20 +164,6 @@ pub(super) fn needs_verification(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::UnknownTopic
                 | RDKafkaErrorCode::UnknownPartition
                 | RDKafkaErrorCode::UnknownTopicId
-        )
-    )
-}
-
-/// Every broker connection of a client is down, or the brokers refuse it
-/// (credentials revoked, a certificate that expired after start-up, which
-/// checked both): reading waits and librdkafka keeps trying.
-pub(super) fn is_outage(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::AllBrokersDown
-                | RDKafkaErrorCode::Authentication
-                | RDKafkaErrorCode::SSL
         )
     )
 }
@@ -308,7 +294,7 @@ fn serve_own_queue(consumer: &Client, stop: &Shutdown) {
             // Only a queue that was not split yet can end up here; the
             // worker reads its partition from its committed offset anyway.
             Some(Ok(_)) => log::debug!("shared client: a record outside any partition queue"),
-            Some(Err(error)) if is_outage(&error) => consumer.context().link.down(&error),
+            Some(Err(error)) if is_outage(&error) => consumer.context().link.report(&error, &error),
             Some(Err(error)) if is_reconnect(&error) => log::debug!("shared client: {error}"),
             Some(Err(error)) => {
                 if let Some(suppressed) = errors.allow(Instant::now()) {

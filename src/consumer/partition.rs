@@ -60,7 +60,7 @@ pub(super) struct Pipeline {
     link: Arc<BrokerLink>,
     shared: Arc<SharedClient>,
     group: Option<GroupCommitter>,
-    start_readers: restore::StartReaders,
+    start_readers: Arc<restore::StartReaders>,
     shutdown: Shutdown,
 }
 
@@ -110,7 +110,7 @@ impl Pipeline {
             link,
             shared,
             group,
-            start_readers: restore::StartReaders::default(),
+            start_readers: Arc::default(),
             shutdown: shutdown.clone(),
         })
     }
@@ -119,43 +119,20 @@ impl Pipeline {
         &self.link
     }
 
-    /// Reconciles a claimed partition's state (the assignment's start-up
-    /// rules), publishes it, and starts its worker.
+    /// Starts a claimed partition's thread: it reconciles the state (the
+    /// assignment's start-up rules, then the snapshot topic and the log
+    /// start), publishes it, and runs the worker. Partitions start side by
+    /// side, and a stop during the start ends it.
     pub(super) fn run(&self, claimed: Claimed) -> anyhow::Result<PartitionRun> {
-        let Claimed { mut state } = claimed;
-        let config = &self.config;
+        let Claimed { state } = claimed;
         let partition = state.snapshot().partition;
-        let probe_context = || {
-            ClientObserver::new(
-                self.link.clone(),
-                self.metrics.fetch_requests(&format!("verify-{partition}")),
-            )
-        };
-        reconcile_at_start(config, &mut state, probe_context(), &self.shutdown)?;
-        if let Some(settings) = &config.snapshots {
-            restore::restore_from_snapshots(
-                config,
-                settings,
-                &self.start_readers,
-                &mut state,
-                probe_context(),
-                &self.shutdown,
-                &self.metrics,
-            )?;
-        }
-        restore::check_log_start(config, &self.start_readers, &mut state)?;
-        let snapshot = state.snapshot();
-        if let Some(group) = &self.group {
-            group.offsets().committed(partition, snapshot.next_offset);
-        }
-        let progress = Arc::new(Progress::new(&snapshot));
-        let exporter = self.exporter.sender();
-        exporter.publish(CommittedSnapshot::current(snapshot))?;
+        let progress = Arc::new(Progress::new(&state.snapshot()));
         let stop = self.shutdown.child();
-        let worker = PartitionWorker::new(
-            state,
-            WorkerSetup {
-                config: config.clone(),
+        let exporter = self.exporter.sender();
+        let start = PartitionStart {
+            readers: self.start_readers.clone(),
+            setup: WorkerSetup {
+                config: self.config.clone(),
                 exporter: exporter.clone(),
                 progress: progress.clone(),
                 metrics: self.metrics.clone(),
@@ -164,9 +141,10 @@ impl Pipeline {
                 group: self.group.as_ref().map(GroupCommitter::offsets),
                 shutdown: stop.clone(),
             },
-        );
-        let thread = crate::shutdown::spawn(format!("partition-{partition}"), move || worker.run())
-            .context("starting a partition worker")?;
+        };
+        let thread =
+            crate::shutdown::spawn(format!("partition-{partition}"), move || start.run(state))
+                .context("starting a partition worker")?;
         Ok(PartitionRun {
             progress,
             metrics: self.metrics.partition(partition),
@@ -190,6 +168,58 @@ impl Pipeline {
     }
 }
 
+/// What a partition's thread needs to start it and then run its worker.
+struct PartitionStart {
+    readers: Arc<restore::StartReaders>,
+    setup: WorkerSetup,
+}
+
+impl PartitionStart {
+    /// Returns the last committed snapshot, or None when stopped before
+    /// the partition ran (nothing was published then).
+    fn run(self, mut state: PartitionState) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        let PartitionStart { readers, setup } = self;
+        let partition = state.snapshot().partition;
+        let (config, stop) = (&setup.config, &setup.shutdown);
+        let probe_context = || {
+            ClientObserver::new(
+                setup.link.clone(),
+                setup.metrics.fetch_requests(&format!("verify-{partition}")),
+            )
+        };
+        let started = (|| {
+            reconcile_at_start(config, &mut state, probe_context(), stop)?;
+            if let Some(settings) = &config.snapshots {
+                restore::restore_from_snapshots(
+                    config,
+                    settings,
+                    &readers,
+                    &mut state,
+                    probe_context(),
+                    stop,
+                    &setup.metrics,
+                )?;
+            }
+            restore::check_log_start(config, &readers, &mut state, stop)
+        })();
+        // A stop during the start ends it where it is (a wait for the
+        // broker ends with an error then): nothing is published.
+        if stop.requested() {
+            return Ok(None);
+        }
+        started?;
+        let snapshot = state.snapshot();
+        if let Some(group) = &setup.group {
+            group.committed(partition, snapshot.next_offset);
+        }
+        setup.progress.update(&snapshot);
+        setup
+            .exporter
+            .publish(CommittedSnapshot::current(snapshot))?;
+        PartitionWorker::new(state, setup).run().map(Some)
+    }
+}
+
 /// A running partition: its worker thread, counters and metrics.
 pub(super) struct PartitionRun {
     /// Its counters; they name the partition.
@@ -198,7 +228,7 @@ pub(super) struct PartitionRun {
     /// This partition's stop; also set by the process's.
     stop: Shutdown,
     exporter: ToExporter,
-    thread: JoinHandle<anyhow::Result<Arc<Snapshot>>>,
+    thread: JoinHandle<anyhow::Result<Option<Arc<Snapshot>>>>,
 }
 
 impl PartitionRun {
@@ -209,25 +239,29 @@ impl PartitionRun {
     /// Stops this partition while the others run: its worker ends after
     /// the current batch, committed; its state is released (another
     /// process, or this one, may open it now); its last snapshot is
-    /// published, waiting at most `publish_timeout`. Returns that snapshot.
+    /// published, waiting at most `publish_timeout`. Returns that snapshot;
+    /// None when the stop came before the partition ran.
     /// A publish that fails is logged, not returned: the committed state
     /// is what counts, and it is published again at the next start.
-    pub(super) fn stop(self, publish_timeout: Duration) -> anyhow::Result<Arc<Snapshot>> {
+    pub(super) fn stop(self, publish_timeout: Duration) -> anyhow::Result<Option<Arc<Snapshot>>> {
         self.stop.request();
         let exporter = self.exporter.clone();
-        let snapshot = self.join()?;
+        let Some(snapshot) = self.join()? else {
+            return Ok(None);
+        };
         if let Err(error) = exporter.release(snapshot.clone(), publish_timeout) {
             log::error!(
                 "{error:#}; the committed state (offset {}) is kept",
                 snapshot.next_offset
             );
         }
-        Ok(snapshot)
+        Ok(Some(snapshot))
     }
 
-    /// Waits for the worker to end (after a stop, or on its own with an
-    /// error); returns its last committed snapshot.
-    pub(super) fn join(self) -> anyhow::Result<Arc<Snapshot>> {
+    /// Waits for the thread to end (after a stop, or on its own with an
+    /// error); returns the last committed snapshot, None when it ended
+    /// before the partition ran.
+    pub(super) fn join(self) -> anyhow::Result<Option<Arc<Snapshot>>> {
         let partition = self.progress.partition;
         self.thread
             .join()
@@ -551,7 +585,8 @@ mod tests {
             .remove(&1)
             .unwrap()
             .stop(Duration::from_secs(10))
-            .unwrap();
+            .unwrap()
+            .expect("partition 1 ran");
         assert_eq!(last.next_offset, 50);
         assert_eq!(last.counters.counted, 50);
         assert_eq!(published_offset(&config, 1), Some(50));
@@ -634,7 +669,10 @@ mod tests {
                 .contains("weatherstream_snapshots_failed_total{partition=\"0\"} 1")
         });
         shutdown.request();
-        let last = run.stop(Duration::from_secs(10)).unwrap();
+        let last = run
+            .stop(Duration::from_secs(10))
+            .unwrap()
+            .expect("the partition ran");
         pipeline.finish();
         assert_eq!((last.next_offset, last.counters.counted), (40, 40));
         // Refused once, then never tried again, not even at the stop.
@@ -679,10 +717,12 @@ mod tests {
 
         let shutdown = Shutdown::new();
         let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        // The partition's thread ends with the error, which its join returns.
         let error = pipeline
             .run(Claimed::open(&config.state_dir, 2).unwrap())
-            .err()
-            .expect("a new partition cannot count a log that lost its start");
+            .unwrap()
+            .join()
+            .expect_err("a new partition cannot count a log that lost its start");
         let message = format!("{error:#}");
         assert!(
             message.contains(&format!(
@@ -705,9 +745,59 @@ mod tests {
             published_offset(&config, 2) == Some(26)
         });
         shutdown.request();
-        let last = run.stop(Duration::from_secs(10)).unwrap();
+        let last = run
+            .stop(Duration::from_secs(10))
+            .unwrap()
+            .expect("the partition ran");
         pipeline.finish();
         // The big records left in the log are no reports: only the ten are.
         assert_eq!(last.counters.counted, 10);
+    }
+
+    /// A partition's start waits out a broker outage, as a running
+    /// partition does; stopped while it waits, it ends at once (not after
+    /// the reads' timeouts) and publishes nothing, as its start decided
+    /// nothing.
+    #[test]
+    fn a_start_waits_out_an_outage_and_a_stop_during_it_ends_it_at_once() {
+        let (broker, servers) = mock_broker();
+        let dir = tempfile::tempdir().unwrap();
+        let config = mock_config(&servers, dir.path(), vec![1]);
+        std::fs::create_dir_all(&config.state_dir).unwrap();
+        produce(&servers, 1, 0, 20);
+        let shutdown = Shutdown::new();
+        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let cluster = broker.client().mock_cluster().unwrap();
+        cluster.broker_down(1).unwrap();
+        let starting = |config: &ConsumerConfig| {
+            let run = pipeline
+                .run(Claimed::open(&config.state_dir, 1).unwrap())
+                .unwrap();
+            // Past the first failed attempts, still starting.
+            std::thread::sleep(Duration::from_millis(1500));
+            assert!(!run.is_finished(), "the start gave up in an outage");
+            run
+        };
+
+        let run = starting(&config);
+        let asked = Instant::now();
+        let ended = run.stop(Duration::from_secs(10)).unwrap();
+        let took = asked.elapsed();
+        assert!(ended.is_none(), "stopped before it ran: {ended:?}");
+        assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+        assert_eq!(published_offset(&config, 1), None);
+
+        // The state was released; started again, the partition runs once
+        // the broker is back.
+        let run = starting(&config);
+        assert_eq!(published_offset(&config, 1), None);
+        cluster.broker_up(1).unwrap();
+        wait_for("partition 1 at its end", || {
+            published_offset(&config, 1) == Some(20)
+        });
+        shutdown.request();
+        let last = run.stop(Duration::from_secs(10)).unwrap();
+        assert_eq!(last.map(|s| s.counters.counted), Some(20));
+        pipeline.finish();
     }
 }

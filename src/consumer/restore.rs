@@ -32,29 +32,51 @@ use crate::store::changelog::{self, SnapshotRecord};
 use crate::store::snapshot::Fingerprint;
 use crate::store::state::PartitionState;
 
-/// The tail readers of the partitions' starts, made once per process: a
+/// The tail readers of the partitions' starts, kept for the process: a
 /// client costs a connection and the topic's metadata (about a third of a
 /// second on tansu), which every partition's start paid twice otherwise.
+/// Partitions start side by side, so each start takes a reader of its own
+/// from the pool, made when none is free, and gives it back.
 #[derive(Default)]
 pub(super) struct StartReaders {
-    source: Mutex<Option<TailReader>>,
-    snapshots: Mutex<Option<TailReader>>,
+    source: Mutex<Vec<TailReader>>,
+    snapshots: Mutex<Vec<TailReader>>,
 }
 
-/// Runs `read` with the reader of `topic` kept in `slot`, made on first use.
+/// Runs `read` with a reader of `topic` from `pool`, made when none is
+/// free. While the broker does not answer, the read is tried again (one
+/// line says so), as a running partition waits out an outage; `stop` ends
+/// the waits early.
 fn with_reader<T>(
-    slot: &Mutex<Option<TailReader>>,
+    pool: &Mutex<Vec<TailReader>>,
     config: &ConsumerConfig,
     topic: &str,
-    read: impl FnOnce(&TailReader) -> Result<T, TailError>,
+    stop: &Shutdown,
+    mut read: impl FnMut(&TailReader) -> Result<T, TailError>,
 ) -> Result<T, TailError> {
-    let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-    let reader = match slot.take() {
+    let free = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    let mut reader = match free {
         Some(reader) => reader,
         None => TailReader::new(&config.client, &config.group_id, topic)?,
     };
-    let result = read(&reader);
-    *slot = Some(reader);
+    reader.stop_on(Some(stop.clone()));
+    let mut told = false;
+    let result = loop {
+        match read(&reader) {
+            Err(error) if error.is_transient() && !stop.requested() => {
+                if !told {
+                    log::warn!("{error}; trying again until the broker answers");
+                    told = true;
+                }
+                stop.wait(TOPIC_WAIT_INTERVAL);
+            }
+            result => break result,
+        }
+    };
+    reader.stop_on(None);
+    pool.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(reader);
     result
 }
 
@@ -72,10 +94,15 @@ pub(super) fn restore_from_snapshots(
     let started = Instant::now();
     let current = state.snapshot();
     let partition = current.partition;
-    let found = match with_reader(&readers.snapshots, config, &settings.topic, |reader| {
-        changelog::newest(reader, partition, &config.topic)
-    }) {
+    let found = match with_reader(
+        &readers.snapshots,
+        config,
+        &settings.topic,
+        shutdown,
+        |reader| changelog::newest(reader, partition, &config.topic),
+    ) {
         Ok(found) => found,
+        Err(TailError::Stopped { .. }) => return Ok(()),
         // Nothing written there yet: nothing to restore.
         Err(error) if error.is_unknown_partition() => {
             metrics.restored(partition, started.elapsed());
@@ -206,16 +233,18 @@ pub(super) fn check_log_start(
     config: &ConsumerConfig,
     readers: &StartReaders,
     state: &mut PartitionState,
+    stop: &Shutdown,
 ) -> anyhow::Result<()> {
     let snapshot = state.snapshot();
     let partition = snapshot.partition;
-    let (log_start, first_kept) = with_reader(&readers.source, config, &config.topic, |reader| {
-        let (log_start, _) = reader.bounds(partition)?;
-        if snapshot.next_offset >= log_start || !config.count_from_log_start {
-            return Ok((log_start, None));
-        }
-        Ok((log_start, reader.read_one(partition, log_start)?))
-    })?;
+    let (log_start, first_kept) =
+        with_reader(&readers.source, config, &config.topic, stop, |reader| {
+            let (log_start, _) = reader.bounds(partition)?;
+            if snapshot.next_offset >= log_start || !config.count_from_log_start {
+                return Ok((log_start, None));
+            }
+            Ok((log_start, reader.read_one(partition, log_start)?))
+        })?;
     if snapshot.next_offset >= log_start {
         return Ok(());
     }

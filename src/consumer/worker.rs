@@ -18,8 +18,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::clients::{
-    is_outage, is_reconnect, needs_verification, own_client, undecodable, ClientObserver, Reader,
-    SharedClient,
+    is_reconnect, needs_verification, own_client, undecodable, ClientObserver, Reader, SharedClient,
 };
 use super::group_offsets::GroupOffsets;
 use super::machine::{
@@ -27,7 +26,7 @@ use super::machine::{
 };
 use super::recheck::Rechecker;
 use super::{ConsumerConfig, Progress};
-use crate::kafka::link::BrokerLink;
+use crate::kafka::link::{is_outage, BrokerLink};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::publish::exporter::{CommittedSnapshot, ToExporter};
@@ -401,7 +400,7 @@ impl PartitionWorker {
                     batch.poll_error(PollError::Undecodable)
                 }
                 Err(error) if is_outage(&error) => {
-                    self.link.down(&error);
+                    self.link.report(&error, &error);
                     batch.poll_error(PollError::Transient)
                 }
                 Err(error) if is_reconnect(&error) => {

@@ -8,11 +8,20 @@
 //! One client's "all brokers down" is not an outage while another client
 //! of the process is connected: a slow broker refuses a new connection
 //! (librdkafka gives its set-up 5 s) while the old ones still work.
+//!
+//! A client's statistics are evidence of a connection only when they were
+//! taken after the outage began: statistics taken a moment before it, and
+//! read after, would end an outage that goes on. And when the brokers
+//! refuse the client (a TLS or authentication failure) in an outage first
+//! told as "all connections down", the refusal is told once as well: it is
+//! the cause an operator can act on.
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// A client's statistics (every second) that showed a broker connection
 /// up this recently mean the brokers are there.
@@ -27,10 +36,42 @@ pub(crate) struct BrokerLink {
     waiting: &'static str,
 }
 
+/// What a client reported as an outage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outage {
+    /// Every broker connection is down (librdkafka's `AllBrokersDown`).
+    Unreachable,
+    /// A broker refused the client: TLS or authentication failed.
+    Refused,
+}
+
+impl Outage {
+    /// The outage a client error reports, if it is one. Credentials
+    /// refused or a TLS failure after start-up (start-up checks both first)
+    /// is an outage too: the work waits and librdkafka keeps trying.
+    fn of(error: &KafkaError) -> Option<Outage> {
+        match error.rdkafka_error_code()? {
+            RDKafkaErrorCode::AllBrokersDown => Some(Outage::Unreachable),
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL => Some(Outage::Refused),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `error` tells of an outage (see [`BrokerLink::report`]).
+pub(crate) fn is_outage(error: &KafkaError) -> bool {
+    Outage::of(error).is_some()
+}
+
 #[derive(Default)]
 struct LinkState {
     /// When the outage began; `Some` exactly while `down` is set.
     down_since: Option<Instant>,
+    /// The Unix second in which the outage began: statistics taken in it
+    /// or before are no evidence that it ended.
+    down_since_unix: i64,
+    /// The refusal of this outage was told.
+    refusal_told: bool,
     /// When a client's statistics last showed a broker connection up.
     connected_at: Option<Instant>,
 }
@@ -46,15 +87,30 @@ impl BrokerLink {
         }
     }
 
-    /// Every broker connection of one client is down (librdkafka's
-    /// `AllBrokersDown`). Logs the first report of an outage only, and
-    /// none while another client was connected a moment ago.
-    pub(crate) fn down(&self, cause: impl Display) {
-        if self.down.load(Ordering::Relaxed) {
+    /// One client reports an error, which is an outage if
+    /// [`Outage::of`] says so: every broker connection is down, or a
+    /// broker refused it. Logs the first report of an outage, and the first
+    /// refusal in an outage first told otherwise; none while another
+    /// client was connected a moment ago.
+    pub(crate) fn report(&self, error: &KafkaError, cause: impl Display) {
+        if let Some(kind) = Outage::of(error) {
+            self.down(kind, cause);
+        }
+    }
+
+    fn down(&self, kind: Outage, cause: impl Display) {
+        if self.down.load(Ordering::Relaxed) && kind == Outage::Unreachable {
             return;
         }
         let now = Instant::now();
         let mut state = self.lock();
+        if state.down_since.is_some() {
+            if kind == Outage::Refused && !state.refusal_told {
+                state.refusal_told = true;
+                log::warn!("the broker refuses this client ({cause}); still waiting");
+            }
+            return;
+        }
         let connected_lately = state
             .connected_at
             .is_some_and(|at| now.saturating_duration_since(at) < CONNECTED_EVIDENCE);
@@ -62,19 +118,26 @@ impl BrokerLink {
             log::debug!("one client lost its broker connections ({cause}); others are connected");
             return;
         }
-        if state.down_since.is_none() {
-            state.down_since = Some(now);
-            self.down.store(true, Ordering::Relaxed);
-            log::warn!(
-                "broker unreachable ({cause}): {}; librdkafka reconnects with backoff, and one line follows when a broker answers",
-                self.waiting
-            );
-        }
+        state.down_since = Some(now);
+        state.down_since_unix = unix_now();
+        state.refusal_told = kind == Outage::Refused;
+        self.down.store(true, Ordering::Relaxed);
+        log::warn!(
+            "broker unreachable ({cause}): {}; librdkafka reconnects with backoff, and one line follows when a broker answers",
+            self.waiting
+        );
     }
 
-    /// A client's statistics show a broker connection up.
-    pub(crate) fn connected(&self) {
-        self.lock().connected_at = Some(Instant::now());
+    /// A client's statistics, taken at `taken_unix` (whole Unix seconds),
+    /// show a broker connection up.
+    pub(crate) fn connected(&self, taken_unix: i64) {
+        let mut state = self.lock();
+        if state.down_since.is_some() && taken_unix <= state.down_since_unix {
+            // Possibly taken before the outage began.
+            return;
+        }
+        state.connected_at = Some(Instant::now());
+        drop(state);
         self.up();
     }
 
@@ -107,9 +170,17 @@ impl BrokerLink {
     }
 }
 
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UNREACHABLE: Outage = Outage::Unreachable;
 
     #[test]
     fn an_outage_is_one_down_and_one_up_however_often_it_is_reported() {
@@ -117,28 +188,79 @@ mod tests {
         assert!(!link.is_down());
         link.up();
         assert!(!link.is_down(), "up while up changes nothing");
-        link.down("AllBrokersDown");
-        link.down("AllBrokersDown again");
+        link.down(UNREACHABLE, "AllBrokersDown");
+        link.down(UNREACHABLE, "AllBrokersDown again");
         assert!(link.is_down());
         assert!(link.lock().down_since.is_some());
         link.up();
         assert!(!link.is_down());
         assert!(link.lock().down_since.is_none());
-        link.down("a second outage");
+        link.down(UNREACHABLE, "a second outage");
         assert!(link.is_down());
     }
 
     #[test]
     fn one_client_down_while_another_is_connected_is_no_outage() {
         let link = BrokerLink::new("test");
-        link.connected();
-        link.down("AllBrokersDown of a client that cannot connect");
+        link.connected(unix_now());
+        link.down(
+            UNREACHABLE,
+            "AllBrokersDown of a client that cannot connect",
+        );
         assert!(!link.is_down());
         // No connection seen for a while: now it is an outage.
         link.lock().connected_at = Some(Instant::now() - CONNECTED_EVIDENCE);
-        link.down("AllBrokersDown");
+        link.down(UNREACHABLE, "AllBrokersDown");
         assert!(link.is_down());
-        link.connected();
+        // Statistics taken after the outage began end it.
+        link.connected(unix_now() + 1);
         assert!(!link.is_down());
+    }
+
+    /// Statistics taken a moment before the outage and read after it
+    /// began showed a connection up: the outage went on, but was told as
+    /// ended (seen in CI, where a TLS failure followed within a second).
+    #[test]
+    fn statistics_that_may_predate_the_outage_do_not_end_it() {
+        let link = BrokerLink::new("test");
+        link.down(UNREACHABLE, "AllBrokersDown");
+        let began = link.lock().down_since_unix;
+        link.connected(began - 1);
+        link.connected(began);
+        assert!(link.is_down());
+        link.connected(0);
+        assert!(link.is_down(), "statistics without a time are no evidence");
+        link.connected(began + 1);
+        assert!(!link.is_down());
+    }
+
+    #[test]
+    fn a_refusal_in_an_outage_is_told_once_and_ends_nothing() {
+        let link = BrokerLink::new("test");
+        link.down(UNREACHABLE, "AllBrokersDown");
+        assert!(!link.lock().refusal_told);
+        link.down(Outage::Refused, "SSL handshake failed");
+        assert!(link.lock().refusal_told);
+        assert!(link.is_down());
+        link.up();
+        // A new outage that begins with the refusal tells it in its warning.
+        link.down(Outage::Refused, "SSL handshake failed");
+        assert!(link.is_down());
+        assert!(link.lock().refusal_told);
+    }
+
+    #[test]
+    fn errors_are_outages_by_their_code() {
+        let outage = |code| Outage::of(&KafkaError::Global(code));
+        assert_eq!(
+            outage(RDKafkaErrorCode::AllBrokersDown),
+            Some(Outage::Unreachable)
+        );
+        assert_eq!(outage(RDKafkaErrorCode::SSL), Some(Outage::Refused));
+        assert_eq!(
+            outage(RDKafkaErrorCode::Authentication),
+            Some(Outage::Refused)
+        );
+        assert_eq!(outage(RDKafkaErrorCode::BrokerTransportFailure), None);
     }
 }

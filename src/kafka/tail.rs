@@ -13,6 +13,8 @@ use rdkafka::message::Message as _;
 use rdkafka::TopicPartitionList;
 use thiserror::Error;
 
+use crate::shutdown::Shutdown;
+
 use super::{manual_assign_config, ClientSettings, Offset, PartitionId, SetDefault};
 
 /// One record as read: where it is, and its bytes.
@@ -43,6 +45,8 @@ pub enum TailError {
         partition: PartitionId,
         source: KafkaError,
     },
+    #[error("reading {topic:?}: stopped")]
+    Stopped { topic: String },
     #[error("reading {topic:?} partition {partition} from offset {from}: the end of the log was not reached within {} s", timeout.as_secs())]
     Timeout {
         topic: String,
@@ -53,6 +57,27 @@ pub enum TailError {
 }
 
 impl TailError {
+    /// The broker did not answer (unreachable, or slow past the timeout):
+    /// the same read may succeed later.
+    pub fn is_transient(&self) -> bool {
+        let source = match self {
+            TailError::Timeout { .. } => return true,
+            TailError::Bounds { source, .. } | TailError::Read { source, .. } => source,
+            _ => return false,
+        };
+        matches!(
+            source.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::NotLeaderForPartition
+            )
+        )
+    }
+
     /// The topic or the partition does not exist (a snapshot topic nobody
     /// has written yet).
     pub fn is_unknown_partition(&self) -> bool {
@@ -73,6 +98,9 @@ impl TailError {
 
 /// Longest a read of one partition's tail may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one request for a partition's bounds may wait before the stop
+/// is looked at again.
+const BOUNDS_WAIT_STEP: Duration = Duration::from_millis(500);
 /// Fetch wait of a tail reader: the records are there (see
 /// [`super::BACKLOG_FETCH_WAIT_MS`]), and the end of the log comes back as
 /// an answer without records.
@@ -82,6 +110,9 @@ const TAIL_FETCH_WAIT_MS: &str = "5";
 pub struct TailReader {
     consumer: BaseConsumer,
     topic: String,
+    /// Ends a wait for the broker early (a partition stopped while it
+    /// starts); None: only the timeouts do.
+    stop: Option<Shutdown>,
 }
 
 impl TailReader {
@@ -100,7 +131,23 @@ impl TailReader {
         Ok(TailReader {
             consumer,
             topic: topic.to_string(),
+            stop: None,
         })
+    }
+
+    /// Makes the reads that follow end with [`TailError::Stopped`] soon
+    /// after `stop` is requested, instead of waiting out their timeouts.
+    pub fn stop_on(&mut self, stop: Option<Shutdown>) {
+        self.stop = stop;
+    }
+
+    fn stopped(&self) -> Result<(), TailError> {
+        match &self.stop {
+            Some(stop) if stop.requested() => Err(TailError::Stopped {
+                topic: self.topic.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub fn topic(&self) -> &str {
@@ -111,13 +158,25 @@ impl TailReader {
     /// them (the end may be wrong on some brokers: it is only where a read
     /// starts, and a read goes to the end its fetches report).
     pub fn bounds(&self, partition: PartitionId) -> Result<(Offset, Offset), TailError> {
-        self.consumer
-            .fetch_watermarks(&self.topic, partition, READ_TIMEOUT)
-            .map_err(|source| TailError::Bounds {
-                topic: self.topic.clone(),
-                partition,
-                source,
-            })
+        let deadline = Instant::now() + READ_TIMEOUT;
+        loop {
+            self.stopped()?;
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(BOUNDS_WAIT_STEP);
+            match self.consumer.fetch_watermarks(&self.topic, partition, wait) {
+                Err(source)
+                    if source.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut)
+                        && Instant::now() < deadline => {}
+                result => {
+                    return result.map_err(|source| TailError::Bounds {
+                        topic: self.topic.clone(),
+                        partition,
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     /// Every record of `partition` from `from` to the end of the log. An
@@ -151,6 +210,7 @@ impl TailReader {
         let mut records = Vec::new();
         let deadline = Instant::now() + READ_TIMEOUT;
         while records.len() < limit {
+            self.stopped()?;
             if Instant::now() >= deadline {
                 return Err(TailError::Timeout {
                     topic: self.topic.clone(),
@@ -168,6 +228,12 @@ impl TailReader {
                 Some(Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
                 ))) => break,
+                // librdkafka reconnects by itself; the deadline decides.
+                // (The client queues one such error per failed attempt:
+                // ending the read at each would take them one read apiece.)
+                Some(Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure,
+                ))) => {}
                 Some(Err(source)) => {
                     return Err(TailError::Read {
                         topic: self.topic.clone(),

@@ -102,7 +102,7 @@ impl ClientContext for DeliveryReporter {
                 RDKafkaErrorCode::AllBrokersDown
                 | RDKafkaErrorCode::Authentication
                 | RDKafkaErrorCode::SSL,
-            ) => self.link.down(format_args!("{error}: {reason}")),
+            ) => self.link.report(&error, format_args!("{error}: {reason}")),
             // librdkafka reconnects by itself; if every broker is gone,
             // AllBrokersDown follows.
             Some(RDKafkaErrorCode::BrokerTransportFailure) => {
