@@ -100,8 +100,16 @@ impl SnapshotArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Partitions to consume, e.g. `0 2`
-    #[arg(required = true, value_name = "PARTITION")]
+    #[arg(required_unless_present = "join_group", value_name = "PARTITION")]
     partitions: Vec<PartitionId>,
+    /// Instead of a partition list: join this Kafka consumer group, which
+    /// shares the topic's partitions among its live members on any hosts
+    /// and moves a partition (restored from its snapshot) when a member
+    /// stops or dies. Each member needs a state folder of its own; members
+    /// may share the files folder
+    #[arg(long = "group", env = "CONSUMER_GROUP", value_name = "NAME",
+          conflicts_with_all = ["partitions", "group_id", "no_group_offsets"])]
+    join_group: Option<String>,
     #[command(flatten)]
     connection: config::Connection,
     #[command(flatten)]
@@ -269,8 +277,10 @@ impl Group {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    if let Err(message) = check_partition_list(&args.partitions) {
-        config::usage_error(&message);
+    if args.join_group.is_none() {
+        if let Err(message) = check_partition_list(&args.partitions) {
+            config::usage_error(&message);
+        }
     }
     // `new` resolves the properties (group.id, fetch.wait.max.ms) over
     // their defaults; the flags go over those.
@@ -285,8 +295,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_batch: args.max_batch as usize,
         batch_timeout_ms: args.batch_timeout_ms,
         fetch_wait_ms: args.fetch.fetch_wait_ms.unwrap_or(resolved.fetch_wait_ms),
-        group_id: args.group.group_id.unwrap_or(resolved.group_id),
-        commit_group_offsets: !args.no_group_offsets,
+        // A member's group is the group of all its clients; its offsets
+        // belong to the group's members, not to a committer beside them.
+        join_group: args.join_group.is_some(),
+        commit_group_offsets: !args.no_group_offsets && args.join_group.is_none(),
+        group_id: args
+            .join_group
+            .or(args.group.group_id)
+            .unwrap_or(resolved.group_id),
         snapshots: args.snapshots.settings(&resolved.topic),
         count_from_log_start: args.count_from_log_start,
         metrics_addr: args.metrics_addr,

@@ -125,13 +125,16 @@ impl ClientContext for ClientObserver {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        if stats_are_current(stats.time, now)
-            && stats
+        if stats_are_current(stats.time, now) {
+            if stats
                 .brokers
                 .values()
                 .any(|broker| broker.nodeid >= 0 && broker.state == "UP")
-        {
-            self.link.connected(stats.time);
+            {
+                self.link.connected(stats.time);
+            } else {
+                self.link.not_connected(stats.time);
+            }
         }
         let responses: u64 = stats.brokers.values().map(|broker| broker.rx).sum();
         self.responses_seen.fetch_max(responses, Ordering::Relaxed);

@@ -22,6 +22,7 @@
 //! every partition at the end of its log.
 
 mod clients;
+mod group;
 mod group_offsets;
 mod machine;
 mod partition;
@@ -30,6 +31,7 @@ mod restore;
 mod stall;
 mod worker;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -101,6 +103,9 @@ pub struct ConsumerConfig {
     pub group_id: String,
     /// Commit offsets to `group_id`.
     pub commit_group_offsets: bool,
+    /// Run as a member of consumer group `group_id` (`consumer --group`):
+    /// the group assigns the partitions, and `partitions` is empty.
+    pub join_group: bool,
     /// The snapshot topic and interval; None: no snapshots are written or
     /// restored (`--no-snapshots`).
     pub snapshots: Option<SnapshotSettings>,
@@ -157,6 +162,7 @@ impl ConsumerConfig {
             topic,
             group_id,
             commit_group_offsets: true,
+            join_group: false,
         }
     }
 }
@@ -228,7 +234,9 @@ pub fn check_partition_list(partitions: &[PartitionId]) -> Result<(), String> {
 
 /// Runs the consumer until shutdown; returns the first worker error.
 pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
-    check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
+    if !config.join_group {
+        check_partition_list(&config.partitions).map_err(|e| anyhow!(e))?;
+    }
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
     let _metrics_server = match &config.metrics_addr {
@@ -243,6 +251,13 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     // committed in it along.
     atomic_file::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state folder {}", config.state_dir.display()))?;
+    // A group member claims its partitions as they are assigned; a second
+    // member on the same state folder fails here, before joining.
+    let _member_lock = if config.join_group {
+        Some(partition::MemberLock::take(&config.state_dir)?)
+    } else {
+        None
+    };
     // Claim every partition first: a second process fails before touching anything.
     let mut claimed = Vec::new();
     for &partition in &config.partitions {
@@ -279,6 +294,11 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         );
     }
 
+    if config.join_group {
+        let pipeline = Pipeline::start(config, metrics.clone(), shutdown)?;
+        let link = pipeline.shared_link();
+        return group::run(config, pipeline, metrics, link, shutdown);
+    }
     let pipeline = Pipeline::start(config, metrics, shutdown)?;
     let mut runs = Vec::new();
     let mut first_error = None;
@@ -336,37 +356,59 @@ fn supervise(
     link: &BrokerLink,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let mut watches: Vec<StallWatch> = workers
-        .iter()
-        .map(|w| {
-            StallWatch::new(
-                w.progress.next_offset.load(Ordering::Relaxed),
-                Instant::now(),
-            )
-        })
-        .collect();
-    let mut last_report = Instant::now();
-    let mut last_offsets: Vec<Offset> = workers
-        .iter()
-        .map(|w| w.progress.next_offset.load(Ordering::Relaxed))
-        .collect();
+    let mut supervisor = Supervisor::new(config.progress_interval);
     while !shutdown.wait(SUPERVISE_INTERVAL) {
         if workers.iter().any(|w| w.is_finished()) {
             return Ok(());
         }
-        for (worker, watch) in workers.iter().zip(watches.iter_mut()) {
+        supervisor.look(workers.iter(), link);
+    }
+    Ok(())
+}
+
+/// What is watched of the running partitions, whichever they are at the
+/// moment (a group member's change): stalls and the progress lines.
+struct Supervisor {
+    progress_interval: Option<Duration>,
+    /// Per partition: its stall watch and its offset at the last line.
+    watches: BTreeMap<PartitionId, (StallWatch, Offset)>,
+    last_report: Instant,
+}
+
+impl Supervisor {
+    fn new(progress_interval: Option<Duration>) -> Self {
+        Supervisor {
+            progress_interval,
+            watches: BTreeMap::new(),
+            last_report: Instant::now(),
+        }
+    }
+
+    fn look<'a>(&mut self, workers: impl Iterator<Item = &'a PartitionRun>, link: &BrokerLink) {
+        let workers: Vec<&PartitionRun> = workers.collect();
+        self.watches
+            .retain(|p, _| workers.iter().any(|w| w.progress.partition == *p));
+        for worker in &workers {
+            let p = &worker.progress;
+            let (watch, _) = self.watches.entry(p.partition).or_insert_with(|| {
+                let next = p.next_offset.load(Ordering::Relaxed);
+                (StallWatch::new(next, Instant::now()), next)
+            });
             watch_stall(worker, watch, link);
         }
-        let Some(interval) = config.progress_interval else {
-            continue;
+        let Some(interval) = self.progress_interval else {
+            return;
         };
-        if last_report.elapsed() < interval {
-            continue;
+        if self.last_report.elapsed() < interval {
+            return;
         }
-        let seconds = last_report.elapsed().as_secs_f64();
-        last_report = Instant::now();
-        for (worker, last) in workers.iter().zip(last_offsets.iter_mut()) {
+        let seconds = self.last_report.elapsed().as_secs_f64();
+        self.last_report = Instant::now();
+        for worker in &workers {
             let p = &worker.progress;
+            let Some((_, last)) = self.watches.get_mut(&p.partition) else {
+                continue;
+            };
             let next = p.next_offset.load(Ordering::Relaxed);
             let rate = (next - *last).max(0) as f64 / seconds;
             *last = next;
@@ -390,7 +432,6 @@ fn supervise(
             );
         }
     }
-    Ok(())
 }
 
 /// Samples one partition for [`StallWatch`] and says what it finds.

@@ -48,6 +48,37 @@ impl Claimed {
     }
 }
 
+/// A group member's hold on its state folder: the partitions' states are
+/// claimed only as the group assigns them, so this is what keeps a second
+/// member off the folder from the start (released when dropped, or when
+/// the process dies).
+pub(super) struct MemberLock {
+    _file: std::fs::File,
+}
+
+impl MemberLock {
+    pub(super) fn take(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = state_dir.join("member.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match crate::store::fence::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => bail!(
+                "the state folder {} is held by another consumer process (group member); \
+                 each member needs a state folder of its own",
+                state_dir.display()
+            ),
+            Err(error) => return Err(error).with_context(|| format!("locking {}", path.display())),
+        }
+        Ok(MemberLock { _file: file })
+    }
+}
+
 /// What the partitions of one process share.
 pub(super) struct Pipeline {
     config: ConsumerConfig,
@@ -77,12 +108,15 @@ impl Pipeline {
             }
             None => None,
         };
-        let mut exporter = Exporter::spawn(
-            Folders::new(&config.files_dir, &config.state_dir),
-            config.render_chart,
-            Some(metrics.clone()),
-        )
-        .context("starting the exporter thread")?;
+        let folders = Folders::new(&config.files_dir, &config.state_dir);
+        // Group members take turns on a partition's file: fenced.
+        let folders = if config.join_group {
+            folders.fenced()
+        } else {
+            folders
+        };
+        let mut exporter = Exporter::spawn(folders, config.render_chart, Some(metrics.clone()))
+            .context("starting the exporter thread")?;
         if let Some(writer) = &snapshots {
             exporter = exporter.with_snapshots(writer.sender());
         }
@@ -117,6 +151,10 @@ impl Pipeline {
 
     pub(super) fn link(&self) -> &BrokerLink {
         &self.link
+    }
+
+    pub(super) fn shared_link(&self) -> Arc<BrokerLink> {
+        self.link.clone()
     }
 
     /// Starts a claimed partition's thread: it reconciles the state (the
@@ -256,6 +294,40 @@ impl PartitionRun {
             );
         }
         Ok(Some(snapshot))
+    }
+
+    /// Stops this partition for another process to take it over (a
+    /// group's revoke): as [`PartitionRun::stop`], and then waits, at most
+    /// `timeout`, for its last snapshot to be acknowledged, so that the
+    /// next owner restores from it. Whether it was is logged.
+    pub(super) fn hand_off(self, timeout: Duration) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        let exporter = self.exporter.clone();
+        let partition = self.progress.partition;
+        let last = self.stop(timeout)?;
+        if let Some(snapshot) = &last {
+            if !exporter.hand_over(snapshot, timeout) {
+                log::warn!(
+                    "partition {partition}: the last snapshot (offset {}) was not acknowledged within {} s; \
+                     the next owner restores an older one and counts the rest again",
+                    snapshot.next_offset,
+                    timeout.as_secs()
+                );
+            }
+        }
+        Ok(last)
+    }
+
+    /// Ends this partition at once, as another process owns it now (a
+    /// group member whose session expired): its current batch is
+    /// committed to this process's own state, and nothing more of it is
+    /// published or written to the snapshot topic.
+    pub(super) fn abandon(self) -> anyhow::Result<()> {
+        self.stop.request();
+        let exporter = self.exporter.clone();
+        let partition = self.progress.partition;
+        let ended = self.join();
+        exporter.forget(partition);
+        ended.map(|_| ())
     }
 
     /// Waits for the thread to end (after a stop, or on its own with an
@@ -405,7 +477,10 @@ fn adopt_newer_file(
          it was restored or recovered to an older point; adopting the published file",
         path.display()
     );
-    let epoch = proof.map_or(snapshot.epoch, |p| p.epoch.max(snapshot.epoch));
+    let epoch = proof
+        .map(|p| p.epoch)
+        .max(folders::published_epoch(&config.files_dir, partition))
+        .map_or(snapshot.epoch, |e| e.max(snapshot.epoch));
     state.initialize_from(file_offset, published.aggregates, epoch, proven_record)?;
     Ok(())
 }
@@ -458,10 +533,15 @@ fn reconcile_at_start(
             // the re-creation checks then compare it with the topic as
             // they would a state's own.
             let proof = folders::find_proof(&config.state_dir, partition, published.offset);
+            // A file that group members share keeps its epoch in its fence.
+            let epoch = proof
+                .map(|p| p.epoch)
+                .max(folders::published_epoch(&config.files_dir, partition))
+                .unwrap_or(0);
             state.initialize_from(
                 published.offset,
                 published.aggregates,
-                proof.map_or(0, |p| p.epoch),
+                epoch,
                 proof.and_then(|p| p.record),
             )?;
         }

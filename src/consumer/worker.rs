@@ -367,7 +367,6 @@ impl PartitionWorker {
     fn read_batch(&mut self, reader: &Reader) -> anyhow::Result<Event> {
         let partition = self.partition();
         let mut batch = self.machine.batch();
-        let mut got_records = false;
         while batch.wants_more() {
             if batch.clock_due() && batch.clock(Instant::now()) == Flow::Stop {
                 break;
@@ -377,7 +376,6 @@ impl PartitionWorker {
             };
             let flow = match polled {
                 Ok(message) => {
-                    got_records = true;
                     let offset = Message::offset(&message);
                     match batch.offer(message) {
                         Flow::Malformed(reason) => {
@@ -422,9 +420,6 @@ impl PartitionWorker {
             if flow == Flow::Stop {
                 break;
             }
-        }
-        if got_records {
-            self.link.up();
         }
         if batch.next_offset() > self.undecodable.at.unwrap_or(Offset::MAX) {
             self.undecodable.read_again();

@@ -74,6 +74,18 @@ struct LinkState {
     refusal_told: bool,
     /// When a client's statistics last showed a broker connection up.
     connected_at: Option<Instant>,
+    /// An outage reported while another client had been connected a
+    /// moment ago: it begins when the statistics show no connection for
+    /// [`CONNECTED_EVIDENCE`], told with this cause (librdkafka reports a
+    /// failure once, not at every reconnect attempt).
+    suspected: Option<Suspected>,
+}
+
+struct Suspected {
+    kind: Outage,
+    cause: String,
+    /// The Unix second it was reported in.
+    at_unix: i64,
 }
 
 impl BrokerLink {
@@ -116,15 +128,63 @@ impl BrokerLink {
             .is_some_and(|at| now.saturating_duration_since(at) < CONNECTED_EVIDENCE);
         if connected_lately {
             log::debug!("one client lost its broker connections ({cause}); others are connected");
+            // A refusal says more than "all down": it is the one kept.
+            if state
+                .suspected
+                .as_ref()
+                .is_none_or(|s| s.kind == Outage::Unreachable)
+            {
+                state.suspected = Some(Suspected {
+                    kind,
+                    cause: cause.to_string(),
+                    at_unix: unix_now(),
+                });
+            }
             return;
         }
-        state.down_since = Some(now);
+        Self::begin(&mut state, &self.down, self.waiting, kind, &cause);
+    }
+
+    fn begin(
+        state: &mut LinkState,
+        down: &AtomicBool,
+        waiting: &str,
+        kind: Outage,
+        cause: &dyn Display,
+    ) {
+        state.down_since = Some(Instant::now());
         state.down_since_unix = unix_now();
         state.refusal_told = kind == Outage::Refused;
-        self.down.store(true, Ordering::Relaxed);
+        state.suspected = None;
+        down.store(true, Ordering::Relaxed);
         log::warn!(
-            "broker unreachable ({cause}): {}; librdkafka reconnects with backoff, and one line follows when a broker answers",
-            self.waiting
+            "broker unreachable ({cause}): {waiting}; librdkafka reconnects with backoff, and one line follows when a broker answers"
+        );
+    }
+
+    /// A client's statistics, taken at `taken_unix`, show no broker
+    /// connection up: a suspected outage begins when no client has shown
+    /// one for [`CONNECTED_EVIDENCE`].
+    pub(crate) fn not_connected(&self, taken_unix: i64) {
+        let mut state = self.lock();
+        let Some(suspected) = &state.suspected else {
+            return;
+        };
+        let quiet = state
+            .connected_at
+            .is_none_or(|at| at.elapsed() >= CONNECTED_EVIDENCE);
+        if state.down_since.is_some() || taken_unix <= suspected.at_unix || !quiet {
+            return;
+        }
+        let Some(suspected) = state.suspected.take() else {
+            return;
+        };
+        Self::begin(
+            &mut state,
+            &self.down,
+            self.waiting,
+            suspected.kind,
+            &suspected.cause,
         );
     }
 
@@ -136,13 +196,21 @@ impl BrokerLink {
             // Possibly taken before the outage began.
             return;
         }
+        if state
+            .suspected
+            .as_ref()
+            .is_some_and(|s| taken_unix > s.at_unix)
+        {
+            state.suspected = None;
+        }
         state.connected_at = Some(Instant::now());
         drop(state);
         self.up();
     }
 
-    /// A broker answered (records arrived, a delivery was acknowledged, or
-    /// a connection is up). Logs the end of an outage only.
+    /// A broker answered (a delivery was acknowledged, or a connection is
+    /// up). Logs the end of an outage only. Records read are no such
+    /// evidence: they may have been fetched before the outage.
     pub(crate) fn up(&self) {
         if !self.down.load(Ordering::Relaxed) {
             return;
@@ -262,5 +330,42 @@ mod tests {
             Some(Outage::Refused)
         );
         assert_eq!(outage(RDKafkaErrorCode::BrokerTransportFailure), None);
+    }
+
+    /// A failure reported while another client had just been connected is
+    /// only suspected; librdkafka reports it once, so the statistics that
+    /// follow decide: no connection for a while, and it is told, with its
+    /// cause (seen in CI: a TLS refusal right after the connections
+    /// dropped was never told).
+    #[test]
+    fn a_suspected_outage_begins_when_the_statistics_show_no_connection() {
+        let link = BrokerLink::new("test");
+        link.connected(unix_now());
+        link.down(Outage::Unreachable, "AllBrokersDown");
+        link.down(Outage::Refused, "SSL handshake failed");
+        assert!(!link.is_down());
+        let suspected_at = link.lock().suspected.as_ref().unwrap().at_unix;
+        // Statistics of the same second may predate it; a connection seen
+        // a moment ago still counts.
+        link.not_connected(suspected_at);
+        link.not_connected(suspected_at + 1);
+        assert!(!link.is_down());
+        link.lock().connected_at = Some(Instant::now() - CONNECTED_EVIDENCE);
+        link.not_connected(suspected_at + 1);
+        assert!(link.is_down());
+        assert!(
+            link.lock().refusal_told,
+            "told with the refusal as its cause"
+        );
+
+        // A connection seen after the report clears the suspicion.
+        let link = BrokerLink::new("test");
+        link.connected(unix_now());
+        link.down(Outage::Unreachable, "AllBrokersDown of one slow client");
+        let suspected_at = link.lock().suspected.as_ref().unwrap().at_unix;
+        link.connected(suspected_at + 1);
+        link.lock().connected_at = Some(Instant::now() - CONNECTED_EVIDENCE);
+        link.not_connected(suspected_at + 2);
+        assert!(!link.is_down());
     }
 }

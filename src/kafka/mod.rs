@@ -168,6 +168,25 @@ pub(crate) fn manual_assign_config(settings: &ClientSettings, group: &str) -> Cl
     config
 }
 
+/// A member of consumer group `group` (`consumer --group`): it only takes
+/// part in the group's assignment, with cooperative-sticky rebalancing (a
+/// member keeps its partitions while others join or leave); the
+/// partitions' own clients read the records. It commits nothing by itself.
+pub(crate) fn member_config(settings: &ClientSettings, group: &str) -> ClientConfig {
+    let mut config = client_config(settings);
+    config
+        .set("group.id", group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Its assigned partitions are paused at once; what it fetched
+        // before is dropped, so fetch little and from the end.
+        .set("auto.offset.reset", "latest")
+        .set_default("queued.max.messages.kbytes", "64")
+        .set("allow.auto.create.topics", "false");
+    config
+}
+
 /// Longest fetch wait of a client that reads records known to be there: a
 /// partition's own client while it catches up or reads again, `consumer
 /// verify`. Apache Kafka answers such a fetch at once, so there the wait

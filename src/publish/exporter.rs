@@ -18,7 +18,7 @@ use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::publish::chart::{chart_input, ChartInput, ChartRenderer};
 use crate::publish::metrics::{Metrics, PartitionMetrics};
 use crate::publish::snapshots::ToSnapshots;
-use crate::store::folders::Folders;
+use crate::store::folders::{Folders, Published};
 use crate::store::proof::Proof;
 use crate::store::snapshot::Snapshot;
 
@@ -125,6 +125,9 @@ enum Export {
         snapshot: Arc<Snapshot>,
         done: Sender<Result<(), String>>,
     },
+    /// The partition was lost to another process: drop what waits of it,
+    /// unwritten, and forget it.
+    Forget(PartitionId),
 }
 
 /// A worker's way to the exporter, and to the snapshot writer when there
@@ -151,6 +154,25 @@ impl ToExporter {
     /// Publishes `snapshot`, a stopping partition's last, and waits until
     /// it is written (or was already, or something newer was), at most
     /// `timeout`; the exporter then forgets the partition.
+    /// A partition lost to another process: nothing more of it is
+    /// published or written to the snapshot topic (what waits is dropped).
+    pub(crate) fn forget(&self, partition: PartitionId) {
+        if let Some(snapshots) = &self.1 {
+            snapshots.forget(partition);
+        }
+        let _ = self.0.send(Export::Forget(partition));
+    }
+
+    /// Waits, at most `timeout`, until `snapshot` (a released partition's
+    /// last) is acknowledged by the snapshot topic; whether it was (true
+    /// without snapshots: there is nothing to wait for).
+    pub(crate) fn hand_over(&self, snapshot: &Arc<Snapshot>, timeout: Duration) -> bool {
+        match &self.1 {
+            Some(snapshots) => snapshots.hand_over(snapshot, timeout),
+            None => true,
+        }
+    }
+
     pub(crate) fn release(&self, snapshot: Arc<Snapshot>, timeout: Duration) -> anyhow::Result<()> {
         let partition = snapshot.partition;
         if let Some(snapshots) = &self.1 {
@@ -253,6 +275,8 @@ struct ExportLoop {
     last_chart: Option<Instant>,
     /// A full or failing disk fails every retry: one line per interval.
     write_errors: LogLimiter,
+    /// Publishes left out for a newer file: one line per this interval.
+    fenced_lines: LogLimiter,
     metrics: Option<Arc<Metrics>>,
     /// Each partition's metric handles, looked up once.
     partition_metrics: BTreeMap<PartitionId, PartitionMetrics>,
@@ -272,6 +296,7 @@ impl ExportLoop {
             chart_due: false,
             last_chart: None,
             write_errors: LogLimiter::new(WRITE_ERROR_LOG_INTERVAL),
+            fenced_lines: LogLimiter::new(WRITE_ERROR_LOG_INTERVAL),
             metrics: None,
             partition_metrics: BTreeMap::new(),
         }
@@ -306,6 +331,19 @@ impl ExportLoop {
                 // The caller may have given up waiting: nothing to tell then.
                 let _ = done.send(self.release(snapshot));
             }
+            Export::Forget(partition) => {
+                self.pending.remove(&partition);
+                self.forget(partition);
+            }
+        }
+    }
+
+    fn forget(&mut self, partition: PartitionId) {
+        self.published.remove(&partition);
+        self.last_publish.remove(&partition);
+        self.proofs.remove(&partition);
+        if self.chart_inputs.remove(&partition).is_some() {
+            self.chart_due = true;
         }
     }
 
@@ -320,12 +358,7 @@ impl ExportLoop {
             // Already published, or something newer was.
             None => Ok(()),
         };
-        self.published.remove(&partition);
-        self.last_publish.remove(&partition);
-        self.proofs.remove(&partition);
-        if self.chart_inputs.remove(&partition).is_some() {
-            self.chart_due = true;
-        }
+        self.forget(partition);
         result.map_err(|e| e.to_string())
     }
 
@@ -399,8 +432,29 @@ impl ExportLoop {
     fn write(&mut self, partition: PartitionId, snapshot: &Snapshot) -> std::io::Result<()> {
         let started = Instant::now();
         let cpu_started = thread_cpu_time();
-        self.folders
+        let published = self
+            .folders
             .publish(snapshot, self.proofs.entry(partition).or_default())?;
+        if let Published::Fenced { file_offset } = published {
+            // Another process owns the partition now, or did and got
+            // further: its file stays. Not an error; nothing to retry.
+            if let Some(metrics) = &self.metrics {
+                metrics.fenced(partition);
+            }
+            if let Some(suppressed) = self.fenced_lines.allow(Instant::now()) {
+                log::info!(
+                    "partition {partition}: {} is newer ({}) than this process's offset {}: left as it is{}",
+                    self.folders.partition_file(partition).display(),
+                    file_offset
+                        .map_or_else(|| "a newer epoch".to_string(), |o| format!("offset {o}")),
+                    snapshot.next_offset,
+                    suppressed_note(suppressed)
+                );
+            }
+            self.published
+                .insert(partition, (snapshot.epoch, snapshot.next_offset));
+            return Ok(());
+        }
         let took = started.elapsed();
         let cpu = thread_cpu_time()
             .zip(cpu_started)

@@ -28,6 +28,9 @@ const DURATION_BUCKETS: [f64; 12] = [
 /// Every metric of one process.
 pub(crate) struct Metrics {
     registry: Registry,
+    partitions_owned: IntGauge,
+    rebalances: IntCounterVec,
+    published_fenced: IntCounterVec,
     next_offset: IntGaugeVec,
     lag: IntGaugeVec,
     counted: IntCounterVec,
@@ -226,7 +229,35 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let partitions_owned = register(
+            &registry,
+            IntGauge::new(
+                "weatherstream_partitions_owned",
+                "Partitions this process runs now (a group member's share)",
+            )
+            .expect("valid metric"),
+        );
+        let rebalances = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "weatherstream_rebalances_total",
+                    "Group rebalances seen by this member, by kind: assigned, revoked (a clean \
+                     hand-off), lost (the session expired)",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let published_fenced = counter(
+            "weatherstream_publishes_fenced_total",
+            "Publishes not written because the partition file was already newer \
+             (another group member's)",
+        );
         Arc::new(Metrics {
+            partitions_owned,
+            rebalances,
+            published_fenced,
             snapshots_written,
             snapshots_failed,
             snapshot_bytes,
@@ -288,6 +319,21 @@ impl Metrics {
         self.restore_seconds
             .with_label_values(&[partition.to_string().as_str()])
             .set(took.as_secs_f64());
+    }
+
+    pub(crate) fn set_partitions_owned(&self, count: usize) {
+        self.partitions_owned.set(count as i64);
+    }
+
+    pub(crate) fn rebalanced(&self, kind: &str) {
+        self.rebalances.with_label_values(&[kind]).inc();
+    }
+
+    /// A publish of `partition` found its file newer and wrote nothing.
+    pub(crate) fn fenced(&self, partition: PartitionId) {
+        self.published_fenced
+            .with_label_values(&[partition.to_string().as_str()])
+            .inc();
     }
 
     /// The fetch request counter of one Kafka client.

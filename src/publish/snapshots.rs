@@ -65,8 +65,12 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 enum Offer {
     /// A committed snapshot: written when its partition is due.
     Committed(Arc<Snapshot>),
-    /// A stopping partition's last snapshot: written now.
-    Last(Arc<Snapshot>),
+    /// A stopping partition's last snapshot: written now; `done`, when
+    /// given, is answered once it (or a newer one) is acknowledged.
+    Last(Arc<Snapshot>, Option<Sender<()>>),
+    /// The partition was lost to another process: nothing more of it is
+    /// written.
+    Forget(PartitionId),
 }
 
 /// A way to the writer; it ends when all are dropped.
@@ -82,7 +86,27 @@ impl ToSnapshots {
 
     /// Hands a stopping partition's last snapshot over, to be written now.
     pub(crate) fn last(&self, snapshot: &Arc<Snapshot>) {
-        let _ = self.0.send(Offer::Last(snapshot.clone()));
+        let _ = self.0.send(Offer::Last(snapshot.clone(), None));
+    }
+
+    /// Hands a partition's last snapshot over and waits, at most
+    /// `timeout`, until it is acknowledged: the next owner restores from
+    /// it. Whether it was.
+    pub(crate) fn hand_over(&self, snapshot: &Arc<Snapshot>, timeout: Duration) -> bool {
+        let (done, answer) = crossbeam_channel::bounded(1);
+        if self
+            .0
+            .send(Offer::Last(snapshot.clone(), Some(done)))
+            .is_err()
+        {
+            return false;
+        }
+        answer.recv_timeout(timeout).is_ok()
+    }
+
+    /// Drops what is waiting of a partition another process now owns.
+    pub(crate) fn forget(&self, partition: PartitionId) {
+        let _ = self.0.send(Offer::Forget(partition));
     }
 }
 
@@ -126,6 +150,7 @@ impl SnapshotWriter {
             written: BTreeMap::new(),
             failures: LogLimiter::new(FAILURE_LOG_INTERVAL),
             refused: false,
+            waiters: Vec::new(),
         };
         let thread = crate::shutdown::spawn("snapshots", move || writer.run(receiver))?;
         Ok(Some(SnapshotWriter {
@@ -339,6 +364,9 @@ struct WriteLoop {
     failures: LogLimiter,
     /// A permission is missing: nothing more is written.
     refused: bool,
+    /// Who waits for a partition's snapshot of at least this order to be
+    /// acknowledged.
+    waiters: Vec<(PartitionId, (u64, Offset), Sender<()>)>,
 }
 
 fn order(snapshot: &Snapshot) -> (u64, Offset) {
@@ -363,14 +391,44 @@ impl WriteLoop {
             self.send_due(Instant::now());
             self.producer.poll(Duration::ZERO);
             self.take_deliveries();
+            self.answer_waiters();
         }
         self.finish();
+    }
+
+    /// Answers those waiting for snapshots now acknowledged, or that will
+    /// never be written (a missing permission).
+    fn answer_waiters(&mut self) {
+        let (written, refused) = (&self.written, self.refused);
+        self.waiters.retain(|(partition, order, done)| {
+            let acknowledged = written.get(partition).is_some_and(|w| w >= order);
+            if acknowledged || refused {
+                let _ = done.send(());
+            }
+            !(acknowledged || refused)
+        });
     }
 
     fn take(&mut self, offer: Offer) {
         let (snapshot, urgent) = match offer {
             Offer::Committed(snapshot) => (snapshot, false),
-            Offer::Last(snapshot) => (snapshot, true),
+            Offer::Last(snapshot, done) => {
+                if let Some(done) = done {
+                    if snapshot.next_offset == 0 {
+                        // Nothing counted is nothing to hand over.
+                        let _ = done.send(());
+                    } else {
+                        self.waiters
+                            .push((snapshot.partition, order(&snapshot), done));
+                    }
+                }
+                (snapshot, true)
+            }
+            Offer::Forget(partition) => {
+                self.pending.remove(&partition);
+                self.urgent.remove(&partition);
+                return;
+            }
         };
         let partition = snapshot.partition;
         let newer_than = |known: Option<(u64, Offset)>| known.is_none_or(|k| order(&snapshot) > k);
