@@ -16,6 +16,14 @@
 //!   report's send to its appearance in partition-N.json, against the time
 //!   to a raw consumer's receipt of the same reports.
 //!
+//! - failover: three `consumer --group` members share a files folder with
+//!   the producer running; BENCH_FAILOVER_KILLS times (default 5) one is
+//!   killed with `kill -9` (never the group's leader: tansu 0.6.0 cannot
+//!   re-form a group whose leader died) and started again: the time from
+//!   the kill to every partition owned again and publishing again (median
+//!   and max), beside the session timeout, and the clean hand-off of each
+//!   scale-out (the new owner's first publish after the old one's last).
+//!
 //! - soak (only when named): the producer at a steady pace (alone for one
 //!   sample, as the broker's baseline) and then the consumer on 4
 //!   partitions for a long time, sampled every 30 s: reports
@@ -160,6 +168,12 @@ fn main() {
     if want("fold") {
         bench_fold();
     }
+    if want("failover")
+        && !(want("producer") || want("catchup") || want("freshness") || want("restore"))
+    {
+        bench_failover(env_number("BENCH_FAILOVER_KILLS", 5));
+        return;
+    }
     if !(want("producer") || want("catchup") || want("freshness") || want("restore")) {
         return;
     }
@@ -194,6 +208,125 @@ fn main() {
         drop(broker);
         let broker = Broker::start_with(Storage::Sqlite);
         bench_restore(&broker);
+    }
+    if want("failover") {
+        bench_failover(env_number("BENCH_FAILOVER_KILLS", 5));
+    }
+}
+
+/// See the module's note. The sqlite engine, as the tests use it (a
+/// restore checks records in the middle of batches).
+fn bench_failover(kills: u64) {
+    use common::group::{owned, owned_by, start_member, SESSION_MS};
+    use std::collections::BTreeSet;
+    println!(
+        "\n== failover: 3 group members, {kills} x kill -9 and start again, producer running (tansu sqlite) =="
+    );
+    let broker = Broker::start_with(Storage::Sqlite);
+    let topic = unique_topic("bench-failover");
+    let group = format!("{topic}-group");
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    // Far more days than the run needs; stopped at the end.
+    let mut producer = start_paced_producer(&broker, &topic, 1_000_000, 7, "0.004");
+    let member = |i: usize| {
+        start_member(
+            &broker,
+            &topic,
+            &group,
+            &files,
+            &dir.path().join(format!("state-{i}")),
+        )
+    };
+    let all: BTreeSet<i32> = (0..4).collect();
+    let leader = member(0);
+    wait_until(
+        "the first member to run all",
+        Duration::from_secs(60),
+        || owned(&leader) == all,
+    );
+    let mut members = vec![leader, member(1), member(2)];
+    let shared = |members: &[Running]| {
+        members.iter().all(|m| !owned(m).is_empty()) && owned_by(members) == all
+    };
+    wait_until("three members to share", Duration::from_secs(60), || {
+        shared(&members)
+    });
+    let (mut owned_s, mut publishing_s, mut hand_off_s) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..kills {
+        let slot = 1 + (round as usize % 2);
+        let before = published_offsets(&files);
+        let killed = Instant::now();
+        members[slot].kill9();
+        let survivors: Vec<&Running> = members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != slot)
+            .map(|(_, m)| m)
+            .collect();
+        wait_until("the others to own all", Duration::from_secs(120), || {
+            owned_by(survivors.iter().copied()) == all
+        });
+        owned_s.push(killed.elapsed().as_secs_f64());
+        wait_until(
+            "every partition to publish again",
+            Duration::from_secs(120),
+            || {
+                published_offsets(&files)
+                    .iter()
+                    .zip(&before)
+                    .all(|(now, before)| now.is_some() && now > before)
+            },
+        );
+        publishing_s.push(killed.elapsed().as_secs_f64());
+        members[slot] = member(slot);
+        wait_until(
+            "the restarted member to get partitions",
+            Duration::from_secs(120),
+            || shared(&members),
+        );
+        // A scale-out: the restarted member's own measure of each clean
+        // hand-off to it ("publishing again X s after its previous owner").
+        let gaps = || -> Vec<f64> {
+            members[slot]
+                .stderr_text()
+                .lines()
+                .filter_map(|line| {
+                    line.split_once("publishing again ")?
+                        .1
+                        .split_once(" s after")
+                })
+                .filter_map(|(seconds, _)| seconds.parse().ok())
+                .collect()
+        };
+        let got = owned(&members[slot]).len();
+        wait_until("the hand-offs to publish", Duration::from_secs(60), || {
+            gaps().len() >= got
+        });
+        hand_off_s.extend(gaps());
+    }
+    let show = |name: &str, mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        println!(
+            "  {name}: median {:.1} s, max {:.1} s ({} samples)",
+            percentile(&values, 0.5),
+            values.last().copied().unwrap_or(f64::NAN),
+            values.len()
+        );
+    };
+    println!(
+        "  session timeout (session.timeout.ms): {:.1} s",
+        SESSION_MS as f64 / 1000.0
+    );
+    show("kill -9 to every partition owned again", owned_s);
+    show("kill -9 to every partition publishing again", publishing_s);
+    show(
+        "clean hand-off (old owner's last publish to new owner's first)",
+        hand_off_s,
+    );
+    producer.kill9();
+    for mut member in members {
+        member.terminate();
     }
 }
 

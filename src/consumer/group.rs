@@ -18,30 +18,41 @@
 //!
 //! The member's own client reads no records: its partitions are paused as
 //! soon as they are assigned; the partitions' clients read from the
-//! offsets in the state, as in the manual mode.
+//! offsets in the state, as in the manual mode. It commits its partitions'
+//! next offsets to the group for Kafka's tools (the group's lag), one
+//! commit in flight at a time (unless one stays unanswered, which
+//! librdkafka does with a commit sent during a rebalance); nothing reads
+//! them back.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
 
 use super::clients::ClientObserver;
 use super::partition::{Claimed, PartitionRun, Pipeline};
 use super::{ConsumerConfig, Supervisor, SUPERVISE_INTERVAL};
 use crate::kafka::link::{is_outage, BrokerLink};
-use crate::kafka::{member_config, PartitionId};
+use crate::kafka::{member_config, Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::publish::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-/// Longest a revoked partition may take to hand over: its last publish and
-/// the acknowledgement of its last snapshot. The group waits for it (up
-/// to `max.poll.interval.ms`).
-const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the partitions revoked together may take to hand over: their
+/// last publishes and the acknowledgements of their last snapshots. The
+/// group waits for it (up to `max.poll.interval.ms`); it is below the
+/// default `--shutdown-timeout`, so a stop hands off before its deadline.
+const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(8);
+/// How often the owned partitions' next offsets are committed to the group.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// A commit unanswered for this long no longer holds the next back.
+const COMMIT_STUCK: Duration = Duration::from_secs(5);
 /// Group errors (other than outages): one line per this.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -52,6 +63,10 @@ struct Member {
     config: ConsumerConfig,
     metrics: Arc<Metrics>,
     owned: Mutex<Owned>,
+    /// A commit to the group is in flight.
+    committing: AtomicBool,
+    /// When the last commit was sent.
+    commit_sent: Mutex<Option<Instant>>,
 }
 
 struct Owned {
@@ -98,6 +113,13 @@ impl Member {
     /// Stops the revoked partitions: handed off, or abandoned when lost.
     fn revoked(&self, partitions: &[PartitionId], lost: bool) {
         let mut owned = self.lock();
+        // All end side by side, within one deadline.
+        for partition in partitions {
+            if let Some(run) = owned.runs.get(partition) {
+                run.request_stop();
+            }
+        }
+        let deadline = Instant::now() + HAND_OFF_TIMEOUT;
         for partition in partitions {
             let Some(run) = owned.runs.remove(partition) else {
                 continue;
@@ -109,7 +131,7 @@ impl Member {
                 );
                 run.abandon()
             } else {
-                run.hand_off(HAND_OFF_TIMEOUT).map(|last| {
+                run.hand_off(deadline).map(|last| {
                     log::info!(
                         "partition {partition}: handed off at offset {}",
                         last.map_or_else(
@@ -127,6 +149,56 @@ impl Member {
     }
 }
 
+impl Member {
+    /// Commits the owned partitions' next offsets, unless a commit is still
+    /// in flight or nothing moved since the last.
+    fn commit_offsets(
+        &self,
+        consumer: &BaseConsumer<Member>,
+        runs: &BTreeMap<PartitionId, PartitionRun>,
+        last: &mut BTreeMap<PartitionId, Offset>,
+    ) {
+        let now: BTreeMap<PartitionId, Offset> = runs
+            .iter()
+            .map(|(p, run)| (*p, run.progress.next_offset.load(Ordering::Relaxed)))
+            .filter(|(_, next)| *next > 0)
+            .collect();
+        let mut sent = self
+            .commit_sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // librdkafka may hold a commit sent during a rebalance without ever
+        // answering it: one unanswered for long no longer holds the next.
+        let answered_or_stuck = !self.committing.load(Ordering::Acquire)
+            || sent.is_some_and(|at| at.elapsed() >= COMMIT_STUCK);
+        if now == *last || !answered_or_stuck {
+            return;
+        }
+        *sent = Some(Instant::now());
+        let mut list = TopicPartitionList::new();
+        for (partition, next) in &now {
+            if let Err(error) = list.add_partition_offset(
+                &self.config.topic,
+                *partition,
+                KafkaOffset::Offset(*next),
+            ) {
+                log::debug!("partition {partition}: offset {next} not committed: {error}");
+            }
+        }
+        self.committing.store(true, Ordering::Release);
+        match consumer.commit(&list, CommitMode::Async) {
+            Ok(()) => *last = now,
+            Err(error) => {
+                self.committing.store(false, Ordering::Release);
+                log::debug!(
+                    "committing offsets to group {:?}: {error}",
+                    self.config.group_id
+                );
+            }
+        }
+    }
+}
+
 impl ClientContext for Member {
     fn stats_raw(&self, statistics: &[u8]) {
         self.observer.stats_raw(statistics);
@@ -134,6 +206,17 @@ impl ClientContext for Member {
 }
 
 impl ConsumerContext for Member {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.committing.store(false, Ordering::Release);
+        if let Err(error) = result {
+            // The state is what counts; only Kafka's tools see older offsets.
+            log::debug!(
+                "committing offsets to group {:?}: {error}",
+                self.config.group_id
+            );
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
@@ -192,6 +275,8 @@ pub(super) fn run(
             runs: BTreeMap::new(),
             failed: None,
         }),
+        committing: AtomicBool::new(false),
+        commit_sent: Mutex::new(None),
     };
     let consumer: BaseConsumer<Member> = member_config(&config.client, &config.group_id)
         .set(
@@ -210,12 +295,13 @@ pub(super) fn run(
     );
     let mut supervisor = Supervisor::new(config.progress_interval);
     let mut errors = LogLimiter::new(ERROR_LOG_INTERVAL);
+    let (mut committed, mut last_commit) = (BTreeMap::new(), Instant::now());
     while !shutdown.requested() {
         match consumer.poll(SUPERVISE_INTERVAL) {
             None | Some(Ok(_)) => {}
             Some(Err(error)) if is_outage(&error) => link.report(&error, &error),
             Some(Err(error)) => {
-                if let Some(suppressed) = errors.allow(std::time::Instant::now()) {
+                if let Some(suppressed) = errors.allow(Instant::now()) {
                     log::warn!(
                         "group {:?}: {error}{}",
                         config.group_id,
@@ -225,7 +311,8 @@ pub(super) fn run(
             }
         }
         let mut owned = consumer.context().lock();
-        if owned.failed.is_some() {
+        // A stop ends the partitions too: they are handed off below.
+        if owned.failed.is_some() || shutdown.requested() {
             break;
         }
         // A partition that ended by itself ended with an error.
@@ -246,6 +333,12 @@ pub(super) fn run(
             break;
         }
         supervisor.look(owned.runs.values(), &link);
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            last_commit = Instant::now();
+            consumer
+                .context()
+                .commit_offsets(&consumer, &owned.runs, &mut committed);
+        }
     }
     shutdown.request();
     // Hand everything off first (the final snapshots acknowledged), then

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
@@ -22,12 +22,13 @@ use super::machine::{CheckOutcome, CheckRequest};
 use super::worker::{PartitionWorker, WorkerSetup};
 use super::{recheck, restore, ConsumerConfig, Progress, TOPIC_WAIT_INTERVAL};
 use crate::kafka::link::BrokerLink;
-use crate::kafka::PartitionId;
+use crate::kafka::{Offset, PartitionId};
 use crate::model::aggregate::Aggregates;
 use crate::publish::exporter::{CommittedSnapshot, Exporter, ToExporter};
 use crate::publish::metrics::{Metrics, PartitionMetrics};
 use crate::publish::snapshots::SnapshotWriter;
 use crate::shutdown::Shutdown;
+use crate::store::changelog::SnapshotRecord;
 use crate::store::folders::{self, partition_file, Folders};
 use crate::store::published;
 use crate::store::snapshot::Snapshot;
@@ -225,10 +226,12 @@ impl PartitionStart {
                 setup.metrics.fetch_requests(&format!("verify-{partition}")),
             )
         };
+        let published_before = published_mark(&config.files_dir, partition);
+        let mut snapshots_seen = Vec::new();
         let started = (|| {
             reconcile_at_start(config, &mut state, probe_context(), stop)?;
             if let Some(settings) = &config.snapshots {
-                restore::restore_from_snapshots(
+                snapshots_seen = restore::restore_from_snapshots(
                     config,
                     settings,
                     &readers,
@@ -251,11 +254,98 @@ impl PartitionStart {
             group.committed(partition, snapshot.next_offset);
         }
         setup.progress.update(&snapshot);
+        let earlier = Earlier::of(published_before, &snapshots_seen, snapshot.epoch);
+        let resumed_from = snapshot.next_offset;
         setup
             .exporter
             .publish(CommittedSnapshot::current(snapshot))?;
+        earlier.report(partition, resumed_from, config.join_group, &setup.metrics);
         PartitionWorker::new(state, setup).run().map(Some)
     }
+}
+
+/// What a start saw of the partition's earlier owners (this process
+/// before a restart, or another group member): how far they had published
+/// it, and when they last did.
+struct Earlier {
+    /// The newest offset the partition file or the snapshot topic showed.
+    newest_offset: Option<Offset>,
+    /// When the partition file was last written or the newest snapshot
+    /// taken, whichever was later.
+    last_unix_ms: Option<i64>,
+}
+
+impl Earlier {
+    /// From the partition file as the start found it and the snapshots it
+    /// read; snapshots of an earlier topic of this name (an older epoch
+    /// than the state's) are not this count's.
+    fn of(file: Option<(Offset, i64)>, snapshots: &[SnapshotRecord], epoch: u64) -> Earlier {
+        let current = snapshots.iter().filter(|r| r.snapshot.epoch >= epoch);
+        let (snapshot_offset, snapshot_unix_ms) = current.fold((None, None), |(o, t), r| {
+            (
+                o.max(Some(r.snapshot.next_offset)),
+                t.max(Some(r.written_unix_ms)),
+            )
+        });
+        Earlier {
+            newest_offset: file.map(|(offset, _)| offset).max(snapshot_offset),
+            last_unix_ms: file.map(|(_, unix_ms)| unix_ms).max(snapshot_unix_ms),
+        }
+    }
+
+    /// Counts the records the start resumed behind what was published (as
+    /// far as the file and the snapshot topic show: a killed owner's last
+    /// batches, committed in its own state only, are not seen), and a
+    /// group member's take-over time.
+    fn report(
+        &self,
+        partition: PartitionId,
+        resumed_from: Offset,
+        member: bool,
+        metrics: &Metrics,
+    ) {
+        let replayed = self
+            .newest_offset
+            .map_or(0, |newest| newest.saturating_sub(resumed_from).max(0));
+        metrics.replayed(partition, u64::try_from(replayed).unwrap_or(0));
+        if !member {
+            if replayed > 0 {
+                log::info!(
+                    "partition {partition}: resumed from offset {resumed_from}, {replayed} records \
+                     behind what was published of it; they are counted again"
+                );
+            }
+            return;
+        }
+        let Some(last_unix_ms) = self.last_unix_ms else {
+            log::info!(
+                "partition {partition}: taken over at offset {resumed_from}; nothing was published of it before"
+            );
+            return;
+        };
+        let gap_ms = (chrono::Utc::now().timestamp_millis() - last_unix_ms).max(0);
+        let took = Duration::from_millis(u64::try_from(gap_ms).unwrap_or(0));
+        metrics.handed_over(partition, took);
+        log::info!(
+            "partition {partition}: taken over at offset {resumed_from} ({replayed} records behind \
+             what was published of it), publishing again {:.1} s after its previous owner last did",
+            took.as_secs_f64()
+        );
+    }
+}
+
+/// The offset of the partition file in `files_dir` and when it was
+/// written; None when there is none or it does not parse.
+fn published_mark(files_dir: &Path, partition: PartitionId) -> Option<(Offset, i64)> {
+    let path = partition_file(files_dir, partition);
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    let unix_ms = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())?;
+    let text = std::fs::read_to_string(&path).ok()?;
+    let parsed = published::parse_partition_json(&text).ok()?;
+    (parsed.partition == partition).then_some((parsed.offset, unix_ms))
 }
 
 /// A running partition: its worker thread, counters and metrics.
@@ -296,21 +386,27 @@ impl PartitionRun {
         Ok(Some(snapshot))
     }
 
+    /// Asks the worker to stop after its current batch, without waiting:
+    /// partitions revoked together end side by side.
+    pub(super) fn request_stop(&self) {
+        self.stop.request();
+    }
+
     /// Stops this partition for another process to take it over (a
-    /// group's revoke): as [`PartitionRun::stop`], and then waits, at most
-    /// `timeout`, for its last snapshot to be acknowledged, so that the
-    /// next owner restores from it. Whether it was is logged.
-    pub(super) fn hand_off(self, timeout: Duration) -> anyhow::Result<Option<Arc<Snapshot>>> {
+    /// group's revoke): as [`PartitionRun::stop`], and then waits, until
+    /// `deadline` at most, for its last snapshot to be acknowledged, so
+    /// that the next owner restores from it. Whether it was is logged.
+    pub(super) fn hand_off(self, deadline: Instant) -> anyhow::Result<Option<Arc<Snapshot>>> {
         let exporter = self.exporter.clone();
         let partition = self.progress.partition;
-        let last = self.stop(timeout)?;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let last = self.stop(left())?;
         if let Some(snapshot) = &last {
-            if !exporter.hand_over(snapshot, timeout) {
+            if !exporter.hand_over(snapshot, left()) {
                 log::warn!(
-                    "partition {partition}: the last snapshot (offset {}) was not acknowledged within {} s; \
+                    "partition {partition}: the last snapshot (offset {}) was not acknowledged in time; \
                      the next owner restores an older one and counts the rest again",
                     snapshot.next_offset,
-                    timeout.as_secs()
                 );
             }
         }

@@ -81,7 +81,9 @@ fn with_reader<T>(
 }
 
 /// Adopts the newest snapshot of the state's partition that is ahead of
-/// the state and belongs to the source topic as it is now.
+/// the state and belongs to the source topic as it is now. Returns the
+/// snapshots of the partition that were read (none when none could be),
+/// for what the start reports of the partition's earlier owners.
 pub(super) fn restore_from_snapshots(
     config: &ConsumerConfig,
     settings: &SnapshotSettings,
@@ -90,7 +92,7 @@ pub(super) fn restore_from_snapshots(
     probe_context: ClientObserver,
     shutdown: &Shutdown,
     metrics: &Metrics,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<SnapshotRecord>> {
     let started = Instant::now();
     let current = state.snapshot();
     let partition = current.partition;
@@ -102,26 +104,27 @@ pub(super) fn restore_from_snapshots(
         |reader| changelog::newest(reader, partition, &config.topic),
     ) {
         Ok(found) => found,
-        Err(TailError::Stopped { .. }) => return Ok(()),
+        Err(TailError::Stopped { .. }) => return Ok(Vec::new()),
         // Nothing written there yet: nothing to restore.
         Err(error) if error.is_unknown_partition() => {
             metrics.restored(partition, started.elapsed());
-            return Ok(());
+            return Ok(Vec::new());
         }
         Err(error) => {
             log::warn!("partition {partition}: no restore from snapshots: {error}");
-            return Ok(());
+            return Ok(Vec::new());
         }
     };
     let mut candidates: Vec<SnapshotRecord> = found
-        .into_iter()
+        .iter()
         .filter(|record| record.snapshot.next_offset > current.next_offset)
+        .cloned()
         .collect();
     candidates.sort_by_key(|record| std::cmp::Reverse(record.snapshot.next_offset));
     if candidates.is_empty() {
         // The usual start: nothing ahead of the state, no probe client.
         metrics.restored(partition, started.elapsed());
-        return Ok(());
+        return Ok(found);
     }
     let probe = recheck::RecordProbe::new(config, partition, probe_context, shutdown)?;
     let mut verdicts: BTreeMap<(Fingerprint, Offset), bool> = BTreeMap::new();
@@ -139,7 +142,7 @@ pub(super) fn restore_from_snapshots(
                     verdict
                 }
                 // Stopping.
-                None => return Ok(()),
+                None => return Ok(Vec::new()),
             },
         };
         if !current_topic {
@@ -162,7 +165,7 @@ pub(super) fn restore_from_snapshots(
             started.elapsed().as_secs_f64()
         );
         warn_rejected(partition, settings, &rejected);
-        return Ok(());
+        return Ok(found);
     }
     metrics.restored(partition, started.elapsed());
     warn_rejected(partition, settings, &rejected);
@@ -174,7 +177,7 @@ pub(super) fn restore_from_snapshots(
             state.restore(&current, newest_gone + 1)?;
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 fn warn_rejected(partition: PartitionId, settings: &SnapshotSettings, rejected: &[SnapshotRecord]) {

@@ -50,6 +50,8 @@ pub(crate) struct Metrics {
     snapshot_bytes: IntCounterVec,
     snapshot_offset: IntGaugeVec,
     restore_seconds: GaugeVec,
+    replayed: IntCounterVec,
+    handoff_seconds: GaugeVec,
 }
 
 /// One partition's snapshot-topic handles.
@@ -229,6 +231,23 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let replayed = counter(
+            "weatherstream_records_replayed_total",
+            "Records a start counts again: the newest offset the partition file or the snapshot \
+             topic showed for the partition, less the offset the start resumed from",
+        );
+        let handoff_seconds = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "weatherstream_handoff_seconds",
+                    "A group member's last take-over of the partition: from the previous \
+                     owner's last publish or snapshot to this member's first publish",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
         let partitions_owned = register(
             &registry,
             IntGauge::new(
@@ -263,6 +282,8 @@ impl Metrics {
             snapshot_bytes,
             snapshot_offset,
             restore_seconds,
+            replayed,
+            handoff_seconds,
             registry,
             next_offset,
             lag,
@@ -285,6 +306,8 @@ impl Metrics {
     pub(crate) fn partition(&self, partition: PartitionId) -> PartitionMetrics {
         let label = partition.to_string();
         let values = [label.as_str()];
+        // At zero from the start, as the other partition series.
+        self.replayed.with_label_values(&values);
         PartitionMetrics {
             next_offset: self.next_offset.with_label_values(&values),
             lag_family: self.lag.clone(),
@@ -317,6 +340,22 @@ impl Metrics {
     /// How long the start of `partition` spent on its snapshots.
     pub(crate) fn restored(&self, partition: PartitionId, took: Duration) {
         self.restore_seconds
+            .with_label_values(&[partition.to_string().as_str()])
+            .set(took.as_secs_f64());
+    }
+
+    /// A start of `partition` resumed `records` behind what had been
+    /// published of it.
+    pub(crate) fn replayed(&self, partition: PartitionId, records: u64) {
+        self.replayed
+            .with_label_values(&[partition.to_string().as_str()])
+            .inc_by(records);
+    }
+
+    /// A group member took `partition` over and published it `took` after
+    /// its previous owner last did.
+    pub(crate) fn handed_over(&self, partition: PartitionId, took: Duration) {
+        self.handoff_seconds
             .with_label_values(&[partition.to_string().as_str()])
             .set(took.as_secs_f64());
     }

@@ -18,6 +18,7 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use weatherstream::published::parse_partition_json;
 use weatherstream::report;
 
+pub mod group;
 pub mod powercut;
 pub mod tls;
 pub mod wire;
