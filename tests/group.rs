@@ -385,6 +385,7 @@ fn scaling_out_and_back_in_hands_every_partition_over_at_its_last_offset() {
         0.0
     );
     assert_eq!(metric_sum(&first, "weatherstream_partitions_owned"), 4.0);
+    assert_eq!(metric_sum(&first, "weatherstream_partition_running"), 4.0);
     assert!(metric_sum(&first, "weatherstream_rebalances_total") >= 2.0);
     let mut first = first;
     assert!(first.terminate().success(), "{}", first.stderr_text());

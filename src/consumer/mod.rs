@@ -299,7 +299,8 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         let link = pipeline.shared_link();
         return group::run(config, pipeline, metrics, link, shutdown);
     }
-    let pipeline = Pipeline::start(config, metrics, shutdown)?;
+    let pipeline = Pipeline::start(config, metrics.clone(), shutdown)?;
+    metrics.set_partitions_owned(claimed.len());
     let mut runs = Vec::new();
     let mut first_error = None;
     for claimed in claimed {

@@ -260,7 +260,11 @@ impl PartitionStart {
             .exporter
             .publish(CommittedSnapshot::current(snapshot))?;
         earlier.report(partition, resumed_from, config.join_group, &setup.metrics);
-        PartitionWorker::new(state, setup).run().map(Some)
+        let running = setup.metrics.partition(partition);
+        running.set_running(true);
+        let ended = PartitionWorker::new(state, setup).run().map(Some);
+        running.set_running(false);
+        ended
     }
 }
 

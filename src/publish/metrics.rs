@@ -42,6 +42,7 @@ pub(crate) struct Metrics {
     publish_seconds: HistogramVec,
     last_publish: GaugeVec,
     storage_stalled: IntGaugeVec,
+    running: IntGaugeVec,
     progress_stalled: IntGaugeVec,
     fetch_requests: IntCounterVec,
     fsyncs: IntCounter,
@@ -91,6 +92,7 @@ pub(crate) struct PartitionMetrics {
     publish_seconds: Histogram,
     last_publish: Gauge,
     storage_stalled: IntGauge,
+    running: IntGauge,
     progress_stalled: IntGauge,
 }
 
@@ -115,6 +117,11 @@ impl Metrics {
         let next_offset = int_gauge(
             "weatherstream_next_offset",
             "Offset of the next record to read, as committed",
+        );
+        let running = int_gauge(
+            "weatherstream_partition_running",
+            "1 from the partition's first publish after its start (its state opened, \
+             reconciled and restored) until it stops, else 0: not ready before",
         );
         let storage_stalled = int_gauge(
             "weatherstream_storage_stalled",
@@ -296,6 +303,7 @@ impl Metrics {
             publish_seconds,
             last_publish,
             storage_stalled,
+            running,
             progress_stalled,
             fetch_requests,
             fsyncs,
@@ -320,6 +328,7 @@ impl Metrics {
             publish_seconds: self.publish_seconds.with_label_values(&values),
             last_publish: self.last_publish.with_label_values(&values),
             storage_stalled: self.storage_stalled.with_label_values(&values),
+            running: self.running.with_label_values(&values),
             progress_stalled: self.progress_stalled.with_label_values(&values),
             partition: label,
         }
@@ -415,6 +424,10 @@ impl PartitionMetrics {
     pub(crate) fn reset(&self) {
         self.recreations.inc();
         self.next_offset.set(0);
+    }
+
+    pub(crate) fn set_running(&self, running: bool) {
+        self.running.set(i64::from(running));
     }
 
     pub(crate) fn set_storage_stalled(&self, stalled: bool) {
