@@ -288,6 +288,42 @@ fn metrics_are_scraped_during_a_run_and_match_what_was_produced() {
                 > 1.7e9
         );
     }
+    // The standard series every Prometheus client exports, and which
+    // build this is.
+    // (in whole seconds: 0 for a short run)
+    assert!(
+        sample(&body, "process_cpu_seconds_total").is_some(),
+        "{body}"
+    );
+    assert!(
+        sample(&body, "process_resident_memory_bytes").unwrap() > 1e6,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "process_start_time_seconds").unwrap() > 1.7e9,
+        "{body}"
+    );
+    let build = format!(
+        "weatherstream_build_info{{librdkafka=\"{}\",version=\"{}\"}}",
+        rdkafka::util::get_rdkafka_version().1,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&body, &build), Some(1.0), "{body}");
+    assert_eq!(
+        sample(&body, "weatherstream_partitions_owned"),
+        Some(4.0),
+        "{body}"
+    );
+    for p in ALL {
+        assert_eq!(
+            sample(
+                &body,
+                &format!("weatherstream_partition_running{{partition=\"{p}\"}}")
+            ),
+            Some(1.0),
+            "{body}"
+        );
+    }
     // Each partition's snapshot reaches its end offset (within the
     // snapshot interval of its last commit).
     wait_until(

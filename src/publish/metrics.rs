@@ -107,6 +107,31 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 impl Metrics {
     pub(crate) fn new() -> Arc<Self> {
         let registry = Registry::new();
+        // The standard process_* series (CPU, memory, open files, start
+        // time), as every Prometheus client exports them.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("the process collector is registered once");
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weatherstream_build_info",
+                    "1, labelled with this build's version and the librdkafka inside",
+                ),
+                &["version", "librdkafka"],
+            )
+            .expect("valid metric"),
+        );
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                &rdkafka::util::get_rdkafka_version().1,
+            ])
+            .set(1);
         let labels = &["partition"];
         let int_gauge = |name: &str, help: &str| {
             register(
