@@ -19,6 +19,8 @@ use weatherstream::{config, export, inspect};
     subcommand_negates_reqs = true
 )]
 struct Cli {
+    #[command(flatten)]
+    log: config::LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -200,7 +202,7 @@ enum Command {
 fn main() -> ExitCode {
     config::limit_malloc_arenas();
     let args: Cli = config::parse();
-    config::init_logging();
+    config::init_logging(args.log.log_format);
     let result = match args.command {
         None => run(args.run),
         Some(Command::Export {

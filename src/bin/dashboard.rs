@@ -15,6 +15,8 @@ use weatherstream::export::FromKafka;
 #[command(version)]
 struct Args {
     #[command(flatten)]
+    log: config::LogArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     /// Folder of partition-N.json and month.svg (not read with --from-kafka)
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
@@ -52,7 +54,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = config::parse();
-    config::init_logging();
+    config::init_logging(args.log.log_format);
     let source = if args.from_kafka {
         let mut client = args.connection.client.settings();
         let group_id = config::flag_over_property(

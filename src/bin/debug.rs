@@ -13,6 +13,8 @@ use weatherstream::debug::{self, DebugConfig};
 #[command(version)]
 struct Args {
     #[command(flatten)]
+    log: config::LogArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     #[command(flatten)]
     connection: config::Connection,
@@ -26,7 +28,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = config::parse();
-    config::init_logging();
+    config::init_logging(args.log.log_format);
     let mut client = args.connection.client.settings();
     let group = config::flag_over_property(args.group, &mut client, "group.id", "debug");
     let config = DebugConfig {

@@ -14,6 +14,8 @@ use weatherstream::demo::{self, DemoConfig};
 #[command(version)]
 struct Args {
     #[command(flatten)]
+    log: config::LogArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     /// Use this Kafka instead of the embedded broker: --bootstrap-servers
     /// (or KAFKA_BOOTSTRAP_SERVERS, or bootstrap.servers of
@@ -52,7 +54,7 @@ struct Args {
 fn main() -> ExitCode {
     config::limit_malloc_arenas();
     let args: Args = config::parse();
-    config::init_logging();
+    config::init_logging(args.log.log_format);
     let config = DemoConfig {
         client: args.client.resolve().named_broker(),
         files_dir: args.files_dir,

@@ -11,6 +11,8 @@ use weatherstream::{chart, config};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    log: config::LogArgs,
     /// Folder of partition-N.json; month.svg is written there
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,
@@ -18,7 +20,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = config::parse();
-    config::init_logging();
+    config::init_logging(args.log.log_format);
     let result = chart::render_files(&args.files_dir).map(|report| {
         for (path, reason) in &report.skipped {
             log::warn!("skipped {}: {reason}", path.display());

@@ -16,6 +16,8 @@ use weatherstream::producer::{self, Compression, ProducerConfig, TopicStart};
 #[command(version)]
 struct Args {
     #[command(flatten)]
+    log: config::LogArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     #[command(flatten)]
     connection: config::Connection,
@@ -49,7 +51,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = config::parse();
-    config::init_logging();
+    config::init_logging(args.log.log_format);
     let mut client = args.connection.client.settings();
     let compression = config::flag_over_property(
         args.compression.map(|codec| codec.name().to_string()),

@@ -36,10 +36,10 @@ impl ConsumerContext for AssignmentLogger {
         match rebalance {
             Rebalance::Assign(list) => {
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-                eprintln!("debug: assigned partitions {partitions:?}");
+                log::info!("debug: assigned partitions {partitions:?}");
             }
-            Rebalance::Revoke(_) => eprintln!("debug: partitions revoked"),
-            Rebalance::Error(e) => eprintln!("debug: rebalance error: {e}"),
+            Rebalance::Revoke(_) => log::info!("debug: partitions revoked"),
+            Rebalance::Error(e) => log::warn!("debug: rebalance error: {e}"),
         }
     }
 }
@@ -89,7 +89,7 @@ pub fn run(config: &DebugConfig, shutdown: &Shutdown, out: &mut dyn Write) -> an
         let message = match result {
             Ok(message) => message,
             Err(error) => {
-                eprintln!("debug: {error}");
+                log::warn!("debug: {error}");
                 continue;
             }
         };
@@ -99,7 +99,7 @@ pub fn run(config: &DebugConfig, shutdown: &Shutdown, out: &mut dyn Write) -> an
                 writeln!(out, "{line}").context("writing to stdout")?;
                 out.flush().context("writing to stdout")?;
             }
-            Err(error) => eprintln!(
+            Err(error) => log::warn!(
                 "debug: partition {} offset {}: {error}",
                 message.partition(),
                 message.offset()

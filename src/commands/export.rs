@@ -41,7 +41,7 @@ pub fn run(files_dir: &Path, state_dir: &Path, partitions: &[PartitionId]) -> an
                 );
             }
             Err(StateError::Locked { holder, .. }) => {
-                eprintln!(
+                log::warn!(
                     "partition {partition}: skipped, a running consumer holds it{} and publishes it itself",
                     holder.map(|h| format!(" ({h})")).unwrap_or_default()
                 );
@@ -98,9 +98,10 @@ pub fn run_from_kafka(
     for partition in wanted {
         let found = changelog::newest(&reader, partition, &from.source_topic)?;
         let Some(newest) = changelog::newest_of(found) else {
-            eprintln!(
+            log::warn!(
                 "partition {partition}: no snapshot of {:?} in {:?}",
-                from.source_topic, from.snapshot_topic
+                from.source_topic,
+                from.snapshot_topic
             );
             missing.push(partition);
             continue;
@@ -131,7 +132,7 @@ pub fn run_from_kafka(
 fn render_chart(files_dir: &Path) -> anyhow::Result<()> {
     let report = chart::render_files(files_dir)?;
     for (path, reason) in &report.skipped {
-        eprintln!("skipped {} in month.svg: {reason}", path.display());
+        log::warn!("skipped {} in month.svg: {reason}", path.display());
     }
     println!(
         "wrote {} ({} bars)",

@@ -506,7 +506,7 @@ fn recount(config: &VerifyConfig, claim: &Claim) -> Result<(Aggregates, u64), St
         if records % 1024 == 0 && last_line.elapsed() >= PROGRESS_INTERVAL {
             last_line = Instant::now();
             let rate = records as f64 / started.elapsed().as_secs_f64();
-            eprintln!(
+            log::info!(
                 "verify: partition {partition}: {records} of {until} records read ({rate:.0}/s)"
             );
         }

@@ -141,7 +141,7 @@ impl ProducerContext for DeliveryReporter {
                         || "an undecodable report".to_string(),
                         |r| format!("report for {}", r.date),
                     );
-                eprintln!("producer: {date} was not delivered: {error}");
+                log::error!("producer: {date} was not delivered: {error}");
             }
         }
     }
