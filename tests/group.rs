@@ -376,7 +376,7 @@ fn scaling_out_and_back_in_hands_every_partition_over_at_its_last_offset() {
     let ends = end_offsets(&records);
     let mut seen = BTreeMap::new();
     let reached = wait_until_or_timeout(Duration::from_secs(30), || {
-        seen = group_offsets(&scene.broker, &scene.group, &scene.topic);
+        seen = group_offsets(&scene.broker.bootstrap, &[], &scene.group, &scene.topic);
         seen == ends
     });
     assert!(reached, "the group's offsets {seen:?}, the ends {ends:?}");

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::tls::{Pki, Stunnel};
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, TopicPartitionList};
+use rdkafka::ClientConfig;
 
 const PASSWORD: &str = "right-horse-battery-42";
 const WRONG_PASSWORD: &str = "wrong-staple-17";
@@ -163,39 +162,6 @@ fn verify(connect: &Connect, topic: &str, files: &Path) -> Output {
     connect.apply(&mut cmd);
     cmd.args(["--topic", topic]).arg("--files").arg(files);
     cmd.output().unwrap()
-}
-
-/// The committed offsets of `group`, read by a client of the test's own.
-fn group_offsets(
-    bootstrap: &str,
-    settings: &[(&str, &str)],
-    group: &str,
-    topic: &str,
-) -> BTreeMap<i32, i64> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false");
-    for (key, value) in settings {
-        config.set(*key, *value);
-    }
-    let client: BaseConsumer = config.create().unwrap();
-    let mut list = TopicPartitionList::new();
-    for p in 0..4 {
-        list.add_partition(topic, p);
-    }
-    let committed = client
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("reading the group's committed offsets");
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(offset) => Some((e.partition(), offset)),
-            _ => None,
-        })
-        .collect()
 }
 
 fn published(files: &Path) -> BTreeMap<i32, i64> {

@@ -64,34 +64,3 @@ pub fn owned(member: &Running) -> BTreeSet<i32> {
 pub fn owned_by<'a>(members: impl IntoIterator<Item = &'a Running>) -> BTreeSet<i32> {
     members.into_iter().flat_map(owned).collect()
 }
-
-/// The offsets committed to `group` for partitions 0..4 of `topic`, read
-/// by a client of the test's own.
-pub fn group_offsets(
-    broker: &Broker,
-    group: &str,
-    topic: &str,
-) -> std::collections::BTreeMap<i32, i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..4 {
-        list.add_partition(topic, p);
-    }
-    let committed = client
-        .committed_offsets(list, std::time::Duration::from_secs(10))
-        .expect("reading the group's committed offsets");
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(offset) => Some((e.partition(), offset)),
-            _ => None,
-        })
-        .collect()
-}

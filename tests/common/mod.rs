@@ -1044,3 +1044,36 @@ pub fn finish_and_read(
     wait_for_records(files, &records, Duration::from_secs(60));
     records
 }
+
+/// The committed offsets of `group`, read by a client of the test's own.
+pub fn group_offsets(
+    bootstrap: &str,
+    settings: &[(&str, &str)],
+    group: &str,
+    topic: &str,
+) -> BTreeMap<i32, i64> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let client: BaseConsumer = config.create().unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..4 {
+        list.add_partition(topic, p);
+    }
+    let committed = client
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("reading the group's committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(offset) => Some((e.partition(), offset)),
+            _ => None,
+        })
+        .collect()
+}
