@@ -10,10 +10,13 @@
 //! load. Whatever clients do, a connection is bounded: its TLS handshake and
 //! each request head must arrive within [`HEAD_DEADLINE`], a connection that
 //! moves no byte for [`IDLE_TIMEOUT`] is closed, heads are at most
-//! [`MAX_HEAD_BYTES`], requests carry no body, and beyond
-//! [`MAX_CONNECTIONS`] a new connection is closed at once, never queued.
+//! [`MAX_HEAD_BYTES`], requests carry no body, and at most
+//! [`MAX_CONNECTIONS`] are served at once. At that limit a new connection
+//! takes the place of the one that has waited longest for a request head
+//! (a flood's held half-requests, an idle keep-alive connection): a flood
+//! from one host cannot keep a probe or a scrape out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,11 +32,13 @@ use base64::Engine as _;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+pub use hyper::StatusCode;
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 /// Longest a client may take for a TLS handshake, and for each request head
 /// from the moment the server waits for it.
@@ -43,7 +48,8 @@ pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most bytes of a request head (hyper's smallest buffer).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// Connections served at once; one more is closed as soon as it is accepted.
+/// Connections served at once; one more evicts the one waiting longest for
+/// a request head.
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// What a path answers: status, content type and body.
@@ -323,14 +329,24 @@ async fn accept_loop(
     pages: Pages,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let origin = Instant::now();
     // Connections are tasks of this set: leaving the loop drops them all.
     let mut connections = tokio::task::JoinSet::new();
+    // The live ones (not aborted), each with when it last began to wait
+    // for a request head.
+    let mut live: HashMap<tokio::task::Id, (AbortHandle, HeadClock)> = HashMap::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stopped.changed() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => {
+                let id = match ended {
+                    Ok((id, ())) => id,
+                    Err(error) => error.id(),
+                };
+                live.remove(&id);
+                continue;
+            }
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
@@ -341,25 +357,81 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        if live.len() >= MAX_CONNECTIONS {
+            evict_longest_waiting(&mut live);
+        }
+        if connections.len() >= 2 * MAX_CONNECTIONS {
+            // Evicted connections not yet dropped by the runtime: a bound
+            // on them too.
             drop(stream);
             continue;
-        };
-        let (web, pages) = (web.clone(), pages.clone());
-        connections.spawn(async move {
-            let _slot = slot;
-            connection(stream, web, pages).await;
+        }
+        let clock = HeadClock::new(origin);
+        let (web, pages, task_clock) = (web.clone(), pages.clone(), clock.clone());
+        let abort = connections.spawn(async move {
+            connection(stream, web, pages, task_clock).await;
         });
+        live.insert(abort.id(), (abort, clock));
+    }
+}
+
+/// At capacity: closes the connection that has waited longest for a
+/// complete request head (a flood's held half-requests, an idle keep-alive
+/// connection), so a newcomer (a probe, a scrape) is served.
+fn evict_longest_waiting(live: &mut HashMap<tokio::task::Id, (AbortHandle, HeadClock)>) {
+    let longest = live
+        .iter()
+        .map(|(id, (_, clock))| (clock.waiting_since(), *id))
+        .min();
+    let Some((_, id)) = longest else {
+        return;
+    };
+    if let Some((abort, _)) = live.remove(&id) {
+        abort.abort();
+    }
+}
+
+/// When a connection began to wait for its next request head: its accept,
+/// or its last request (answered at once: pages are built in memory), in
+/// ms since the server's start.
+#[derive(Clone)]
+struct HeadClock {
+    origin: Instant,
+    since_ms: Arc<AtomicU64>,
+}
+
+impl HeadClock {
+    fn new(origin: Instant) -> Self {
+        let clock = HeadClock {
+            origin,
+            since_ms: Arc::new(AtomicU64::new(0)),
+        };
+        clock.waiting();
+        clock
+    }
+
+    fn waiting(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn waiting_since(&self) -> u64 {
+        self.since_ms.load(Ordering::Relaxed)
     }
 }
 
 /// One accepted connection: its TLS handshake if configured, then HTTP.
-async fn connection(stream: tokio::net::TcpStream, web: Option<Arc<WebConfig>>, pages: Pages) {
+async fn connection(
+    stream: tokio::net::TcpStream,
+    web: Option<Arc<WebConfig>>,
+    pages: Pages,
+    clock: HeadClock,
+) {
     let _ = stream.set_nodelay(true);
     let activity = Activity::new();
     let stream = Watched::new(stream, &activity);
     let Some(acceptor) = web.as_ref().and_then(|web| web.tls.as_ref()) else {
-        return serve_connection(stream, &activity, web, pages).await;
+        return serve_connection(stream, &activity, web, pages, clock).await;
     };
     let tls_stream =
         Ssl::new(acceptor.context()).and_then(|ssl| tokio_openssl::SslStream::new(ssl, stream));
@@ -368,7 +440,7 @@ async fn connection(stream: tokio::net::TcpStream, web: Option<Arc<WebConfig>>, 
     };
     let handshake = Pin::new(&mut tls_stream).accept();
     match tokio::time::timeout(HEAD_DEADLINE, handshake).await {
-        Ok(Ok(())) => serve_connection(tls_stream, &activity, web, pages).await,
+        Ok(Ok(())) => serve_connection(tls_stream, &activity, web, pages, clock).await,
         Ok(Err(error)) => log::debug!("TLS handshake: {error}"),
         Err(_) => log::debug!("TLS handshake: no handshake within the deadline"),
     }
@@ -379,11 +451,14 @@ async fn serve_connection<S>(
     activity: &Activity,
     web: Option<Arc<WebConfig>>,
     pages: Pages,
+    clock: HeadClock,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let response = respond(&request, web.as_deref(), &pages);
+        // Answered: from here the connection waits for its next head.
+        clock.waiting();
         std::future::ready(Ok::<_, std::convert::Infallible>(response))
     });
     let connection = hyper::server::conn::http1::Builder::new()

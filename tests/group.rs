@@ -387,6 +387,20 @@ fn scaling_out_and_back_in_hands_every_partition_over_at_its_last_offset() {
     assert_eq!(metric_sum(&first, "weatherstream_partitions_owned"), 4.0);
     assert_eq!(metric_sum(&first, "weatherstream_partition_running"), 4.0);
     assert!(metric_sum(&first, "weatherstream_rebalances_total") >= 2.0);
+    // Having taken partitions over, it shows every series the Grafana
+    // dashboard queries; and it is ready, its four partitions running.
+    let (status, _, body) = http(&first.listening_address(), "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert_dashboard_metrics_exist(&String::from_utf8(body).unwrap());
+    let (status, _, body) = http(&first.listening_address(), "GET", "/readyz", None);
+    let ready: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200, "{ready}");
+    for partition in ["0", "1", "2", "3"] {
+        assert_eq!(
+            ready["partitions"][partition]["state"], "running",
+            "{ready}"
+        );
+    }
     let mut first = first;
     assert!(first.terminate().success(), "{}", first.stderr_text());
 }

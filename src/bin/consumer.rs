@@ -136,9 +136,16 @@ struct RunArgs {
     /// stopping: the partition's statistics are then PARTIAL
     #[arg(long)]
     count_from_log_start: bool,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics, and /healthz
+    /// and /readyz; weatherstream's port is 8797 (0.0.0.0:8797) [default: off]
     #[arg(long, env = "CONSUMER_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// /healthz fails (503) when a worker thread has been busy with one
+    /// step for this long, seconds; waits (a broker outage, a failing disk,
+    /// an idle topic) never count
+    #[arg(long, env = "CONSUMER_WEDGED_AFTER_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    wedged_after_secs: u64,
     #[command(flatten)]
     web: config::WebArgs,
     #[command(flatten)]
@@ -308,6 +315,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         snapshots: args.snapshots.settings(&resolved.topic),
         count_from_log_start: args.count_from_log_start,
         metrics_addr: args.metrics_addr,
+        wedged_after: std::time::Duration::from_secs(args.wedged_after_secs),
         web: args.web.load(),
         progress_interval: if args.quiet {
             None

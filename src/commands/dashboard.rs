@@ -13,7 +13,8 @@
 //!
 //! It is served by [`crate::web`], the server `/metrics` runs on too: bounded
 //! connections and deadlines, and TLS and basic auth when `--web-config-file`
-//! asks for them.
+//! asks for them. `/healthz` and `/readyz` answer there too (readiness
+//! turns 503 at a stop).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use serde_json::{json, Map, Value};
 use crate::commands::export::FromKafka;
 use crate::kafka::PartitionId;
 use crate::publish::chart;
+use crate::publish::health::{Health, Ownership, DEFAULT_WEDGED_AFTER};
 use crate::shutdown::Shutdown;
 use crate::store::folders::{self, partition_files};
 use crate::store::published::{self, parse_partition_json};
@@ -55,22 +57,30 @@ pub enum DashboardSource {
 }
 
 /// Serves until shutdown.
+/// `/healthz` and `/readyz` answer beside the pages: ready until a stop.
 pub fn run(config: &DashboardConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let (server, shown) = match &config.source {
-        DashboardSource::Files(files_dir) => (
-            start(files_dir, &config.listen, config.web.clone())?,
-            format!("files in {}", files_dir.display()),
-        ),
+    let health = Health::new(Ownership::None, DEFAULT_WEDGED_AFTER, shutdown);
+    let (route, shown): (Route, String) = match &config.source {
+        DashboardSource::Files(files_dir) => {
+            let files_dir = files_dir.clone();
+            let shown = format!("files in {}", files_dir.display());
+            (Arc::new(move |path| route(path, &files_dir)), shown)
+        }
         DashboardSource::Kafka(from) => {
             let view = SnapshotView::start(from.clone(), shutdown)
                 .context("starting the snapshot reader")?;
-            let route = Arc::new(move |path: &str| route_view(path, &view));
             (
-                serve(&config.listen, config.web.clone(), route)?,
+                Arc::new(move |path: &str| route_view(path, &view)),
                 format!("snapshots in {:?}", from.snapshot_topic),
             )
         }
     };
+    let route: Route = Arc::new(move |path: &str| match path {
+        "/healthz" => health.liveness_page(),
+        "/readyz" => health.readiness_page(),
+        _ => route(path),
+    });
+    let server = serve(&config.listen, config.web.clone(), route)?;
     println!("dashboard: {}/ ({shown}); Ctrl-C stops it", server.url());
     while !shutdown.wait(Duration::from_secs(1)) {}
     Ok(())
@@ -87,12 +97,10 @@ pub fn start(
     serve(listen, web, Arc::new(move |path| route(path, &files_dir)))
 }
 
+type Route = Arc<dyn Fn(&str) -> Page + Send + Sync>;
+
 /// Serves `route` on `listen` until the returned server is dropped.
-fn serve(
-    listen: &str,
-    web: Option<Arc<WebConfig>>,
-    route: Arc<dyn Fn(&str) -> Page + Send + Sync>,
-) -> anyhow::Result<WebServer> {
+fn serve(listen: &str, web: Option<Arc<WebConfig>>, route: Route) -> anyhow::Result<WebServer> {
     WebServer::start("dashboard-http", listen, web, route)
         .with_context(|| format!("cannot listen on {listen}"))
 }

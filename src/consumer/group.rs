@@ -41,6 +41,7 @@ use super::{ConsumerConfig, Supervisor, SUPERVISE_INTERVAL};
 use crate::kafka::link::{is_outage, BrokerLink};
 use crate::kafka::{member_config, Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::publish::health::Health;
 use crate::publish::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -60,6 +61,8 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// thread that polls the member's client.
 struct Member {
     observer: ClientObserver,
+    /// Told when the first assignment comes (`/readyz`).
+    health: Arc<Health>,
     config: ConsumerConfig,
     metrics: Arc<Metrics>,
     owned: Mutex<Owned>,
@@ -236,6 +239,7 @@ impl ConsumerContext for Member {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             self.metrics.rebalanced("assigned");
+            self.health.set_assigned();
             // The partitions' own clients read; this one only holds them.
             if let Err(error) = consumer.pause(list) {
                 log::debug!("pausing the member's own fetches: {error}");
@@ -263,10 +267,12 @@ pub(super) fn run(
     config: &ConsumerConfig,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
+    health: &Arc<Health>,
     link: Arc<BrokerLink>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     let member = Member {
+        health: health.clone(),
         observer: ClientObserver::new(link.clone(), metrics.fetch_requests("member")),
         config: config.clone(),
         metrics: metrics.clone(),
@@ -293,7 +299,7 @@ pub(super) fn run(
         config.group_id,
         config.topic
     );
-    let mut supervisor = Supervisor::new(config.progress_interval);
+    let mut supervisor = Supervisor::new(config.progress_interval, health);
     let mut errors = LogLimiter::new(ERROR_LOG_INTERVAL);
     let (mut committed, mut last_commit) = (BTreeMap::new(), Instant::now());
     while !shutdown.requested() {

@@ -41,6 +41,8 @@ use anyhow::{anyhow, bail, Context as _};
 
 use crate::kafka::link::BrokerLink;
 use crate::kafka::{ClientSettings, Offset, PartitionId, TopicAdmin, DEFAULT_GROUP_ID};
+pub use crate::publish::health::DEFAULT_WEDGED_AFTER;
+use crate::publish::health::{Beat, Health, Ownership};
 use crate::publish::metrics::Metrics;
 pub use crate::publish::snapshots::{SnapshotSettings, DEFAULT_SNAPSHOT_INTERVAL};
 use crate::shutdown::Shutdown;
@@ -97,6 +99,9 @@ pub struct ConsumerConfig {
     pub metrics_addr: Option<String>,
     /// TLS and basic auth of the metrics endpoint; None: plain HTTP.
     pub web: Option<Arc<WebConfig>>,
+    /// `/healthz` fails when a worker thread is busy with one step for
+    /// longer than this (waits do not count).
+    pub wedged_after: Duration,
     /// The consumer group of every client (one group ACL covers them),
     /// where each committed batch's next offset is committed for Kafka's
     /// tools (never read back). Never in `client` as well.
@@ -154,6 +159,7 @@ impl ConsumerConfig {
             render_chart: true,
             metrics_addr: None,
             web: None,
+            wedged_after: DEFAULT_WEDGED_AFTER,
             snapshots: Some(SnapshotSettings {
                 topic: changelog::default_topic(&topic),
                 interval: DEFAULT_SNAPSHOT_INTERVAL,
@@ -239,11 +245,18 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     }
     // Bound first: a bad address is an error before any partition is touched.
     let metrics = Metrics::new();
+    let ownership = if config.join_group {
+        Ownership::Group
+    } else {
+        Ownership::Manual(config.partitions.clone())
+    };
+    let health = Health::new(ownership, config.wedged_after, shutdown);
     let _metrics_server = match &config.metrics_addr {
         Some(address) => Some(crate::publish::metrics::serve(
             address,
             config.web.clone(),
             metrics.clone(),
+            health.clone(),
         )?),
         None => None,
     };
@@ -295,11 +308,11 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     }
 
     if config.join_group {
-        let pipeline = Pipeline::start(config, metrics.clone(), shutdown)?;
+        let pipeline = Pipeline::start(config, metrics.clone(), &health, shutdown)?;
         let link = pipeline.shared_link();
-        return group::run(config, pipeline, metrics, link, shutdown);
+        return group::run(config, pipeline, metrics, &health, link, shutdown);
     }
-    let pipeline = Pipeline::start(config, metrics.clone(), shutdown)?;
+    let pipeline = Pipeline::start(config, metrics.clone(), &health, shutdown)?;
     metrics.set_partitions_owned(claimed.len());
     let mut runs = Vec::new();
     let mut first_error = None;
@@ -313,7 +326,7 @@ pub fn run(config: &ConsumerConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
         }
     }
     if first_error.is_none() {
-        first_error = supervise(config, &runs, pipeline.link(), shutdown).err();
+        first_error = supervise(config, &runs, pipeline.link(), &health, shutdown).err();
     }
     shutdown.request();
     for run in runs {
@@ -355,9 +368,10 @@ fn supervise(
     config: &ConsumerConfig,
     workers: &[PartitionRun],
     link: &BrokerLink,
+    health: &Arc<Health>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let mut supervisor = Supervisor::new(config.progress_interval);
+    let mut supervisor = Supervisor::new(config.progress_interval, health);
     while !shutdown.wait(SUPERVISE_INTERVAL) {
         if workers.iter().any(|w| w.is_finished()) {
             return Ok(());
@@ -371,21 +385,30 @@ fn supervise(
 /// moment (a group member's change): stalls and the progress lines.
 struct Supervisor {
     progress_interval: Option<Duration>,
+    /// Told whether a broker is reachable (`/readyz`).
+    health: Arc<Health>,
+    /// The supervising thread's heartbeat (`/healthz`): it looks every
+    /// [`SUPERVISE_INTERVAL`].
+    beat: Beat,
     /// Per partition: its stall watch and its offset at the last line.
     watches: BTreeMap<PartitionId, (StallWatch, Offset)>,
     last_report: Instant,
 }
 
 impl Supervisor {
-    fn new(progress_interval: Option<Duration>) -> Self {
+    fn new(progress_interval: Option<Duration>, health: &Arc<Health>) -> Self {
         Supervisor {
             progress_interval,
+            health: health.clone(),
+            beat: health.beat("supervisor"),
             watches: BTreeMap::new(),
             last_report: Instant::now(),
         }
     }
 
     fn look<'a>(&mut self, workers: impl Iterator<Item = &'a PartitionRun>, link: &BrokerLink) {
+        self.beat.busy();
+        self.health.set_broker_down(link.is_down());
         let workers: Vec<&PartitionRun> = workers.collect();
         self.watches
             .retain(|p, _| workers.iter().any(|w| w.progress.partition == *p));

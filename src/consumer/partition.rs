@@ -25,6 +25,7 @@ use crate::kafka::link::BrokerLink;
 use crate::kafka::{Offset, PartitionId};
 use crate::model::aggregate::Aggregates;
 use crate::publish::exporter::{CommittedSnapshot, Exporter, ToExporter};
+use crate::publish::health::{Health, Phase};
 use crate::publish::metrics::{Metrics, PartitionMetrics};
 use crate::publish::snapshots::SnapshotWriter;
 use crate::shutdown::Shutdown;
@@ -93,6 +94,7 @@ pub(super) struct Pipeline {
     shared: Arc<SharedClient>,
     group: Option<GroupCommitter>,
     start_readers: Arc<restore::StartReaders>,
+    health: Arc<Health>,
     shutdown: Shutdown,
 }
 
@@ -101,6 +103,7 @@ impl Pipeline {
     pub(super) fn start(
         config: &ConsumerConfig,
         metrics: Arc<Metrics>,
+        health: &Arc<Health>,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let snapshots = match &config.snapshots {
@@ -116,8 +119,13 @@ impl Pipeline {
         } else {
             folders
         };
-        let mut exporter = Exporter::spawn(folders, config.render_chart, Some(metrics.clone()))
-            .context("starting the exporter thread")?;
+        let mut exporter = Exporter::spawn(
+            folders,
+            config.render_chart,
+            Some(metrics.clone()),
+            Some(health.beat("exporter")),
+        )
+        .context("starting the exporter thread")?;
         if let Some(writer) = &snapshots {
             exporter = exporter.with_snapshots(writer.sender());
         }
@@ -146,6 +154,7 @@ impl Pipeline {
             shared,
             group,
             start_readers: Arc::default(),
+            health: health.clone(),
             shutdown: shutdown.clone(),
         })
     }
@@ -179,6 +188,7 @@ impl Pipeline {
                 link: self.link.clone(),
                 group: self.group.as_ref().map(GroupCommitter::offsets),
                 shutdown: stop.clone(),
+                health: self.health.partition(partition),
             },
         };
         let thread =
@@ -262,6 +272,7 @@ impl PartitionStart {
         earlier.report(partition, resumed_from, config.join_group, &setup.metrics);
         let running = setup.metrics.partition(partition);
         running.set_running(true);
+        setup.health.set_phase(Phase::Running);
         let ended = PartitionWorker::new(state, setup).run().map(Some);
         running.set_running(false);
         ended
@@ -745,7 +756,13 @@ mod tests {
             produce(&servers, partition, 0, 50);
         }
         let shutdown = Shutdown::new();
-        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let health = Health::new(
+            crate::publish::health::Ownership::Group,
+            Duration::from_secs(60),
+            &shutdown,
+        );
+        health.set_assigned();
+        let pipeline = Pipeline::start(&config, Metrics::new(), &health, &shutdown).unwrap();
         let mut runs: BTreeMap<PartitionId, PartitionRun> = [0, 1, 2]
             .into_iter()
             .map(|p| {
@@ -758,6 +775,8 @@ mod tests {
                 .iter()
                 .all(|p| published_offset(&config, *p) == Some(50))
         });
+        wait_for("ready", || health.facts().readiness().status == "ok");
+        assert_eq!(health.facts().partitions.len(), 3);
 
         // Stop partition 1: committed, published, and its state released
         // (it opens again, here, while the process runs).
@@ -770,6 +789,11 @@ mod tests {
         assert_eq!(last.next_offset, 50);
         assert_eq!(last.counters.counted, 50);
         assert_eq!(published_offset(&config, 1), Some(50));
+        assert!(
+            !health.facts().partitions.contains_key(&1),
+            "a stopped partition is not owned"
+        );
+        assert!(!health.facts().busy.contains_key("partition-1"));
         let reopened = Claimed::open(&config.state_dir, 1).unwrap();
         assert_eq!(reopened.state.snapshot().next_offset, 50);
         drop(reopened);
@@ -806,6 +830,14 @@ mod tests {
         }
     }
 
+    fn test_health(shutdown: &Shutdown) -> Arc<Health> {
+        Health::new(
+            crate::publish::health::Ownership::Group,
+            Duration::from_secs(60),
+            shutdown,
+        )
+    }
+
     fn mock_config(servers: &str, dir: &Path, partitions: Vec<PartitionId>) -> ConsumerConfig {
         ConsumerConfig {
             fetch_wait_ms: 5,
@@ -836,7 +868,8 @@ mod tests {
         );
         let metrics = Metrics::new();
         let shutdown = Shutdown::new();
-        let pipeline = Pipeline::start(&config, metrics.clone(), &shutdown).unwrap();
+        let pipeline =
+            Pipeline::start(&config, metrics.clone(), &test_health(&shutdown), &shutdown).unwrap();
         let run = pipeline
             .run(Claimed::open(&config.state_dir, 0).unwrap())
             .unwrap();
@@ -896,7 +929,8 @@ mod tests {
         assert!(log_start > 0 && end == 26, "{log_start}..{end}");
 
         let shutdown = Shutdown::new();
-        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let pipeline =
+            Pipeline::start(&config, Metrics::new(), &test_health(&shutdown), &shutdown).unwrap();
         // The partition's thread ends with the error, which its join returns.
         let error = pipeline
             .run(Claimed::open(&config.state_dir, 2).unwrap())
@@ -917,7 +951,8 @@ mod tests {
             count_from_log_start: true,
             ..config
         };
-        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let pipeline =
+            Pipeline::start(&config, Metrics::new(), &test_health(&shutdown), &shutdown).unwrap();
         let run = pipeline
             .run(Claimed::open(&config.state_dir, 2).unwrap())
             .unwrap();
@@ -946,7 +981,8 @@ mod tests {
         std::fs::create_dir_all(&config.state_dir).unwrap();
         produce(&servers, 1, 0, 20);
         let shutdown = Shutdown::new();
-        let pipeline = Pipeline::start(&config, Metrics::new(), &shutdown).unwrap();
+        let pipeline =
+            Pipeline::start(&config, Metrics::new(), &test_health(&shutdown), &shutdown).unwrap();
         let cluster = broker.client().mock_cluster().unwrap();
         cluster.broker_down(1).unwrap();
         let starting = |config: &ConsumerConfig| {

@@ -30,6 +30,7 @@ use crate::kafka::link::{is_outage, BrokerLink};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::publish::exporter::{CommittedSnapshot, ToExporter};
+use crate::publish::health::{Beat, PartitionHealth};
 use crate::publish::metrics::{BatchCounts, Metrics, PartitionMetrics};
 use crate::shutdown::Shutdown;
 use crate::store::snapshot::Snapshot;
@@ -81,7 +82,18 @@ pub(super) struct PartitionWorker {
     rereads_deferred: LogLimiter,
     follow_refused: LogLimiter,
     undecodable: UndecodableBatch,
+    /// The partition's readiness (`/readyz`).
+    health: PartitionHealth,
+    /// The thread's heartbeat (`/healthz`).
+    beat: Beat,
+    /// Test hook only ([`TEST_WEDGE_ENV`]): wedge after the first commit.
+    test_wedge: bool,
 }
+
+/// Test hook, for the liveness test alone: a partition whose number this
+/// environment variable holds stops beating after its first committed
+/// batch, as a wedged thread would (it still ends at a stop).
+const TEST_WEDGE_ENV: &str = "WEATHERSTREAM_TEST_WEDGE_PARTITION";
 
 /// A record batch the partition cannot decode: one warning per offset, and
 /// the offset in the progress, where the supervisor shows the partition as
@@ -134,6 +146,7 @@ pub(super) struct WorkerSetup {
     /// Where committed offsets go for the consumer group; None: off.
     pub(super) group: Option<Arc<GroupOffsets>>,
     pub(super) shutdown: Shutdown,
+    pub(super) health: PartitionHealth,
 }
 
 impl PartitionWorker {
@@ -147,8 +160,10 @@ impl PartitionWorker {
             link,
             group,
             shutdown,
+            health,
         } = setup;
         let metrics = all_metrics.partition(progress.partition);
+        let partition_label = progress.partition.to_string();
         let limits = Limits {
             max_batch: config.max_batch,
             batch_timeout: Duration::from_millis(config.batch_timeout_ms),
@@ -174,6 +189,9 @@ impl PartitionWorker {
             rereads_deferred: LogLimiter::new(REREAD_DEFERRED_LOG_INTERVAL),
             follow_refused: LogLimiter::new(FOLLOW_REFUSED_LOG_INTERVAL),
             undecodable: UndecodableBatch { at: None, progress },
+            beat: health.beat(),
+            health,
+            test_wedge: std::env::var(TEST_WEDGE_ENV).is_ok_and(|wedged| wedged == partition_label),
         }
     }
 
@@ -192,6 +210,11 @@ impl PartitionWorker {
         )?;
         let mut last_lag = Instant::now();
         while !self.shutdown.requested() {
+            self.beat.busy();
+            if self.test_wedge && self.progress.next_offset.load(Ordering::Relaxed) > 0 {
+                self.wedge_for_the_test();
+                continue;
+            }
             let event = match rechecker.poll() {
                 Some(outcome) => Event::Verdict(outcome?),
                 None => Event::Tick,
@@ -235,7 +258,11 @@ impl PartitionWorker {
                 Action::Follow => self.follow(),
                 Action::Ask(request) => rechecker.ask(request)?,
                 Action::AwaitVerdict => {
-                    let Some(outcome) = rechecker.wait() else {
+                    // The check may wait out an outage.
+                    self.beat.waiting();
+                    let verdict = rechecker.wait();
+                    self.beat.busy();
+                    let Some(outcome) = verdict else {
                         // Shutdown ends a rechecker; anything else is a bug,
                         // and waiting again would spin.
                         if self.shutdown.requested() {
@@ -246,7 +273,7 @@ impl PartitionWorker {
                     queue.extend(self.machine.handle(Event::Verdict(outcome?), Instant::now()));
                 }
                 Action::Pause(duration) => {
-                    self.shutdown.wait(duration);
+                    self.beat.wait(&self.shutdown, duration);
                 }
                 Action::SetAnchor(anchor) => {
                     if self
@@ -300,7 +327,7 @@ impl PartitionWorker {
                             suppressed_note(suppressed)
                         );
                     }
-                    self.shutdown.wait(wait);
+                    self.beat.wait(&self.shutdown, wait);
                 }
                 Action::GapAccepted { from } => log::warn!(
                     "partition {}: offsets from {from} are missing from the log even when read from the start; going on after them",
@@ -525,7 +552,7 @@ impl PartitionWorker {
                             suppressed_note(suppressed)
                         );
                     }
-                    if self.shutdown.wait(retry.after_failure()) {
+                    if self.beat.wait(&self.shutdown, retry.after_failure()) {
                         log::warn!(
                             "partition {}: stopping with the last committed state (offset {}); what was not written is read again at the next start",
                             self.partition(),
@@ -544,6 +571,16 @@ impl PartitionWorker {
             .storage_stalled
             .store(stalled, Ordering::Relaxed);
         self.metrics.set_storage_stalled(stalled);
+        self.health.set_storage_stalled(stalled);
+    }
+
+    /// Test hook ([`TEST_WEDGE_ENV`]): busy without a beat until the stop.
+    fn wedge_for_the_test(&self) {
+        log::warn!(
+            "partition {}: wedged on purpose ({TEST_WEDGE_ENV}, a test hook)",
+            self.partition()
+        );
+        while !self.shutdown.wait(Duration::from_millis(50)) {}
     }
 
     fn publish(&self, committed: CommittedSnapshot) -> anyhow::Result<()> {

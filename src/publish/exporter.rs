@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::kafka::{Offset, PartitionId};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::publish::chart::{chart_input, ChartInput, ChartRenderer};
+use crate::publish::health::Beat;
 use crate::publish::metrics::{Metrics, PartitionMetrics};
 use crate::publish::snapshots::ToSnapshots;
 use crate::store::folders::{Folders, Published};
@@ -204,13 +205,17 @@ impl Exporter {
     /// Starts the exporter; `render_chart` re-renders month.svg after
     /// publishing (at most once per [`CHART_INTERVAL`]). Each publish is
     /// preceded by its proof in the state folder ([`Folders::publish`]).
-    pub fn spawn(
+    /// `beat`, when given, tells `/healthz` whether the thread is busy or
+    /// waits for work.
+    pub(crate) fn spawn(
         folders: Folders,
         render_chart: bool,
         metrics: Option<Arc<Metrics>>,
+        beat: Option<Beat>,
     ) -> std::io::Result<Self> {
         let mut export = ExportLoop::new(folders, render_chart);
         export.metrics = metrics;
+        export.beat = beat;
         Self::start(export)
     }
 
@@ -280,6 +285,8 @@ struct ExportLoop {
     metrics: Option<Arc<Metrics>>,
     /// Each partition's metric handles, looked up once.
     partition_metrics: BTreeMap<PartitionId, PartitionMetrics>,
+    /// The thread's heartbeat (`/healthz`).
+    beat: Option<Beat>,
 }
 
 impl ExportLoop {
@@ -299,16 +306,23 @@ impl ExportLoop {
             fenced_lines: LogLimiter::new(WRITE_ERROR_LOG_INTERVAL),
             metrics: None,
             partition_metrics: BTreeMap::new(),
+            beat: None,
         }
     }
 
     fn run(mut self, receiver: Receiver<Export>) {
         loop {
             let wait = self.next_wakeup();
+            if let Some(beat) = &self.beat {
+                beat.waiting();
+            }
             let first = match wait {
                 None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 Some(timeout) => receiver.recv_timeout(timeout),
             };
+            if let Some(beat) = &self.beat {
+                beat.busy();
+            }
             match first {
                 Ok(message) => self.take(message),
                 Err(RecvTimeoutError::Timeout) => {}

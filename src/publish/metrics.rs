@@ -15,6 +15,7 @@ use prometheus::{
 };
 
 use crate::kafka::{Offset, PartitionId};
+use crate::publish::health::Health;
 use crate::web::{Page, Pages, WebConfig, WebServer};
 
 /// Buckets of the commit and publish durations: 100 µs to 2.5 s. A commit
@@ -300,6 +301,10 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        // At zero from the start: a dashboard's rate() needs the series.
+        for kind in ["assigned", "revoked", "lost"] {
+            rebalances.with_label_values(&[kind]);
+        }
         let published_fenced = counter(
             "weatherstream_publishes_fenced_total",
             "Publishes not written because the partition file was already newer \
@@ -341,6 +346,7 @@ impl Metrics {
         let values = [label.as_str()];
         // At zero from the start, as the other partition series.
         self.replayed.with_label_values(&values);
+        self.published_fenced.with_label_values(&values);
         PartitionMetrics {
             next_offset: self.next_offset.with_label_values(&values),
             lag_family: self.lag.clone(),
@@ -485,16 +491,20 @@ impl PartitionMetrics {
 /// Prometheus' text exposition format.
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `/metrics` on [`crate::web`]'s server (a named thread of its
-/// own, stopped and joined when the server is dropped). Binds `address` at
-/// once, so a bad address is an error before any partition is touched.
+/// Serves `/metrics`, `/healthz` and `/readyz` on [`crate::web`]'s server
+/// (a named thread of its own, stopped and joined when the server is
+/// dropped). Binds `address` at once, so a bad address is an error before
+/// any partition is touched.
 pub(crate) fn serve(
     address: &str,
     web: Option<Arc<WebConfig>>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 ) -> anyhow::Result<WebServer> {
     let pages: Pages = Arc::new(move |path| match path {
         "/metrics" => Page::ok(EXPOSITION, metrics.encode()),
+        "/healthz" => health.liveness_page(),
+        "/readyz" => health.readiness_page(),
         _ => Page::not_found(),
     });
     let server = WebServer::start("metrics-http", address, web, pages)

@@ -1077,3 +1077,52 @@ pub fn group_offsets(
         })
         .collect()
 }
+
+/// Every PromQL query of monitoring/grafana-dashboard.json.
+pub fn dashboard_queries() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("monitoring/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|target| target["expr"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asserts that every metric the Grafana dashboard queries is a series of
+/// `exposition` (a `/metrics` body).
+pub fn assert_dashboard_metrics_exist(exposition: &str) {
+    let exposed: std::collections::BTreeSet<&str> = exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    let mut queried = std::collections::BTreeSet::new();
+    for query in dashboard_queries() {
+        let mut rest = query.as_str();
+        while let Some(at) = ["weatherstream_", "process_"]
+            .iter()
+            .filter_map(|prefix| rest.find(prefix))
+            .min()
+        {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            queried.insert(name);
+        }
+    }
+    assert!(queried.len() >= 20, "{queried:?}");
+    let missing: Vec<_> = queried
+        .iter()
+        .filter(|name| !exposed.contains(name.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics /metrics does not have: {missing:?}"
+    );
+}
