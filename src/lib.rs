@@ -27,7 +27,7 @@ mod store;
 pub mod web;
 
 // What the binaries, tests and benches use, by stage.
-pub use commands::{dashboard, debug, demo, export, inspect, verify};
+pub use commands::{check, dashboard, debug, demo, export, inspect, verify};
 pub use model::{aggregate, generator, report};
 pub use publish::chart;
 pub use publish::snapshots::write_once as write_snapshot;

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use weatherstream::consumer::{self, check_partition_list, ConsumerConfig};
 use weatherstream::kafka::PartitionId;
 use weatherstream::verify::{self, VerifyConfig};
-use weatherstream::{config, export, inspect};
+use weatherstream::{check, config, export, inspect};
 
 /// Keeps exactly-once month/year statistics of the given partitions and
 /// publishes them as partition-N.json (and month.svg) in the files folder.
@@ -193,6 +193,35 @@ enum Command {
         #[command(flatten)]
         folders: Folders,
     },
+    /// Check, before a start and with the same settings, what the consumer
+    /// will need: settings, web config, connection with TLS and SASL, the
+    /// topic and its partitions, the topic and group permissions it can
+    /// probe without a change, the snapshot topic, and the state and files
+    /// folders (writable, not held by another process). One line per check
+    /// and a summary; exit 0 when nothing failed, 1 otherwise. Changes
+    /// nothing on the brokers or the disk
+    Check {
+        /// Partitions the consumer will run, e.g. `0 2`
+        #[arg(required_unless_present = "join_group", value_name = "PARTITION")]
+        partitions: Vec<PartitionId>,
+        /// Check for a member of this consumer group instead of a partition list
+        #[arg(long = "group", env = "CONSUMER_GROUP", value_name = "NAME",
+              conflicts_with_all = ["partitions", "group_id"])]
+        join_group: Option<String>,
+        #[command(flatten)]
+        connection: config::Connection,
+        #[command(flatten)]
+        group: Group,
+        #[command(flatten)]
+        folders: Folders,
+        #[command(flatten)]
+        snapshots: SnapshotArgs,
+        #[command(flatten)]
+        web: config::WebArgs,
+        /// One JSON object on stdout instead of the lines
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the state holds, per partition
     InspectState {
         /// Partitions to show [default: every partition in the state folder]
@@ -258,6 +287,39 @@ fn main() -> ExitCode {
                 Ok(false) => return ExitCode::FAILURE,
                 Err(error) => Err(error),
             }
+        }
+        Some(Command::Check {
+            partitions,
+            join_group,
+            connection,
+            group,
+            folders,
+            snapshots,
+            web,
+            json,
+        }) => {
+            if join_group.is_none() {
+                if let Err(message) = check_partition_list(&partitions) {
+                    config::usage_error(&message);
+                }
+            }
+            let mut client = connection.client.settings();
+            let group_id = match &join_group {
+                Some(name) => name.clone(),
+                None => group.resolve(&mut client),
+            };
+            let report = check::consumer(&check::ConsumerCheck {
+                client,
+                group_id,
+                join_group: join_group.is_some(),
+                partitions,
+                snapshot_topic: snapshots.settings(&connection.topic).map(|s| s.topic),
+                topic: connection.topic,
+                files_dir: folders.files_dir.clone(),
+                state_dir: folders.state_dir(),
+                web_config_file: web.web_config_file,
+            });
+            return report.print(json);
         }
         Some(Command::InspectState {
             partitions,

@@ -1,8 +1,10 @@
 //! The commands beside the pipeline: `consumer verify` ([`verify`]),
+//! `consumer check` and `producer check` ([`check`]),
 //! `consumer export` ([`export`]), `consumer inspect-state` ([`inspect`]),
 //! `debug` ([`debug`], printing with [`python_repr`]), `demo` ([`demo`])
 //! and `dashboard` ([`dashboard`]).
 
+pub mod check;
 pub mod dashboard;
 pub mod debug;
 pub mod demo;

@@ -60,7 +60,7 @@ pub(super) struct MemberLock {
 
 impl MemberLock {
     pub(super) fn take(state_dir: &Path) -> anyhow::Result<Self> {
-        let path = state_dir.join("member.lock");
+        let path = folders::member_lock_file(state_dir);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -21,6 +21,7 @@ use rdkafka::TopicPartitionList;
 use thiserror::Error;
 
 pub(crate) mod link;
+pub(crate) mod preflight;
 mod settings;
 pub(crate) mod tail;
 

@@ -81,6 +81,25 @@ pub fn write(path: &Path, contents: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Whether this process may write in `dir` (`access(2)` with `W_OK`: the
+/// permissions, and a read-only mount); nothing is written.
+pub(crate) fn can_write(dir: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: a valid NUL-terminated path that lives across the call.
+    #[allow(unsafe_code)] // std has no access(2).
+    let status = unsafe { libc::access(path.as_ptr(), libc::W_OK) };
+    if status == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EACCES | libc::EROFS | libc::EPERM) => Ok(false),
+        _ => Err(error),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

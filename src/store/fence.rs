@@ -69,6 +69,24 @@ pub(crate) fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Whether another process holds an exclusive `flock` on the file at
+/// `path` (a sled database's, a member's state folder): the lock is tried
+/// and released at once, and the file is opened read-only, never made.
+/// False when there is no such file.
+pub(crate) fn held_elsewhere(path: &Path) -> io::Result<bool> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error),
+    };
+    match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        // Closing the file releases it.
+        Ok(()) => Ok(false),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(error) => Err(error),
+    }
+}
+
 /// The epoch a fence holds, read without locking it (a start's import of
 /// the file: a torn read is no epoch, as before any fenced publish).
 pub(crate) fn read_epoch(path: &Path) -> Option<u64> {

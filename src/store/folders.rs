@@ -214,6 +214,11 @@ pub(crate) fn state_folder(state_dir: &Path, partition: PartitionId) -> PathBuf 
     state_dir.join(format!("partition-{partition}"))
 }
 
+/// `<state>/member.lock`: a group member's hold on its state folder.
+pub(crate) fn member_lock_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("member.lock")
+}
+
 /// `<state>/partition-N.owner`: who last claimed the partition.
 pub(crate) fn owner_file(state_dir: &Path, partition: PartitionId) -> PathBuf {
     state_dir.join(format!("partition-{partition}.owner"))

@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -116,6 +117,16 @@ pub fn holder(state_dir: &Path, partition: PartitionId) -> Option<String> {
         .ok()
         .map(|text| text.trim().to_string())
         .filter(|text| !text.is_empty())
+}
+
+/// Whether another process holds the partition's state now (sled's lock,
+/// tried and released at once: nothing is opened as a database or
+/// written); Some with the holder as recorded (`pid N since T`, or empty)
+/// when it does.
+pub(crate) fn held_by(state_dir: &Path, partition: PartitionId) -> io::Result<Option<String>> {
+    let db = folders::state_folder(state_dir, partition).join("db");
+    Ok(crate::store::fence::held_elsewhere(&db)?
+        .then(|| holder(state_dir, partition).unwrap_or_default()))
 }
 
 /// Moves a partition's state folder that sled cannot open out of the way,
