@@ -21,6 +21,8 @@ use weatherstream::{check, config, export, inspect};
 struct Cli {
     #[command(flatten)]
     log: config::LogArgs,
+    #[command(flatten)]
+    generate: config::GenerateArgs,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]

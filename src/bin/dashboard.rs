@@ -17,6 +17,8 @@ struct Args {
     #[command(flatten)]
     log: config::LogArgs,
     #[command(flatten)]
+    generate: config::GenerateArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     /// Folder of partition-N.json and month.svg (not read with --from-kafka)
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]

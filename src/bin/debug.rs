@@ -15,6 +15,8 @@ struct Args {
     #[command(flatten)]
     log: config::LogArgs,
     #[command(flatten)]
+    generate: config::GenerateArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     #[command(flatten)]
     connection: config::Connection,

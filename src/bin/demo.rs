@@ -16,6 +16,8 @@ struct Args {
     #[command(flatten)]
     log: config::LogArgs,
     #[command(flatten)]
+    generate: config::GenerateArgs,
+    #[command(flatten)]
     stop: config::StopArgs,
     /// Use this Kafka instead of the embedded broker: --bootstrap-servers
     /// (or KAFKA_BOOTSTRAP_SERVERS, or bootstrap.servers of

@@ -13,6 +13,8 @@ use weatherstream::{chart, config};
 struct Args {
     #[command(flatten)]
     log: config::LogArgs,
+    #[command(flatten)]
+    generate: config::GenerateArgs,
     /// Folder of partition-N.json; month.svg is written there
     #[arg(long = "files", env = "FILES_DIR", default_value = "files")]
     files_dir: PathBuf,

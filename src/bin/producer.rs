@@ -17,6 +17,8 @@ use weatherstream::{check, config};
 struct Cli {
     #[command(flatten)]
     log: config::LogArgs,
+    #[command(flatten)]
+    generate: config::GenerateArgs,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]

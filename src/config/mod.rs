@@ -171,7 +171,74 @@ pub fn parse<P: clap::Parser>() -> P {
         command = command.long_version(long_version());
     }
     let matches = command.get_matches();
+    if let Some(what) = matches.get_one::<Generate>(GENERATE_ID) {
+        generate(*what, P::command());
+    }
     P::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
+/// What `--generate` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Generate {
+    /// The man page (roff), e.g. `consumer --generate man > consumer.1`
+    Man,
+    CompleteBash,
+    CompleteZsh,
+    CompleteFish,
+    CompleteElvish,
+    CompletePowershell,
+}
+
+const GENERATE_ID: &str = "generate";
+
+/// `--generate`, shared by every binary: the man page and shell
+/// completions, made from the same definitions as `--help`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Print the man page or a shell's completions, made from these very
+    /// options, and exit (e.g. `--generate complete-bash >
+    /// /etc/bash_completion.d/consumer`)
+    #[arg(long, id = GENERATE_ID, value_enum, value_name = "WHAT", exclusive = true)]
+    pub generate: Option<Generate>,
+}
+
+/// Writes what `--generate` asks for to stdout and exits (0; 1 when
+/// stdout cannot take it).
+fn generate(what: Generate, mut command: clap::Command) -> ! {
+    use clap_complete::Shell;
+    // The binary's own name (the derive names every command after the
+    // package): what the shell completes and the man page is called.
+    let name = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|path| Some(path.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| command.get_name().to_string());
+    command = command.name(name.clone()).bin_name(name.clone());
+    // Made in memory first: clap_complete panics on a failed write (a
+    // closed pipe), and a man page is a few KiB.
+    let mut text = Vec::new();
+    let shell = match what {
+        Generate::Man => None,
+        Generate::CompleteBash => Some(Shell::Bash),
+        Generate::CompleteZsh => Some(Shell::Zsh),
+        Generate::CompleteFish => Some(Shell::Fish),
+        Generate::CompleteElvish => Some(Shell::Elvish),
+        Generate::CompletePowershell => Some(Shell::PowerShell),
+    };
+    let made = match shell {
+        Some(shell) => {
+            clap_complete::generate(shell, &mut command, name, &mut text);
+            Ok(())
+        }
+        None => clap_mangen::Man::new(command).render(&mut text),
+    };
+    let mut out = std::io::stdout().lock();
+    let written = made.and_then(|()| {
+        use std::io::Write as _;
+        out.write_all(&text)?;
+        out.flush()
+    });
+    std::process::exit(i32::from(written.is_err()))
 }
 
 /// Prints `error: MESSAGE` and usage hints as clap does, and exits 2.
