@@ -16,10 +16,29 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN scripts/build-release.sh
+RUN scripts/build-release.sh && mkdir -p /empty
 
-# Runtime: Java, Kafka (KRaft, single node) and the binaries only.
-FROM debian:bookworm-slim
+# The runtime image, for deployments against your own Kafka:
+#   docker build --target runtime -t weatherstream .
+#   docker run -v ws-files:/files -p 8797:8797 weatherstream \
+#     consumer --group weatherstream-stats --metrics-addr 0.0.0.0:8797
+# The binaries only, on distroless's glibc base (glibc and libgcc: all the
+# binaries link; OpenSSL and librdkafka are inside them), as its non-root
+# user (65532), /files a volume that user owns. tests/runtime_image.rs runs
+# the binaries in a chroot holding only those libraries.
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+COPY --from=build /src/target/release/producer /src/target/release/consumer /src/target/release/debug /src/target/release/plot /src/target/release/demo /src/target/release/dashboard /usr/local/bin/
+COPY --from=build --chown=65532:65532 /empty /files
+ENV FILES_DIR=/files
+WORKDIR /files
+VOLUME /files
+USER 65532:65532
+EXPOSE 8797 8080
+CMD ["consumer", "--help"]
+
+# The assignment's image (the default target): Java, Kafka (KRaft, single
+# node) and the binaries.
+FROM debian:bookworm-slim AS assignment
 ARG KAFKA_VERSION=3.9.1
 ARG SCALA_VERSION=2.13
 RUN apt-get update \
