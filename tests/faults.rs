@@ -95,7 +95,12 @@ fn a_full_disk_stalls_the_consumer_which_recovers_without_losing_or_double_count
     let topic = unique_topic("fulldisk");
     let (days, seed) = (3000, 41);
     let mut producer = start_paced_producer(&broker, &topic, days, seed, "0.002");
-    let mut consumer = start_consumer(&broker, &topic, &files, &ALL);
+    let mut cmd = broker.consumer_cmd(&topic);
+    cmd.args(["--quiet", "--metrics-addr", "127.0.0.1:0", "--files"])
+        .arg(&files)
+        .args(ALL.map(|p| p.to_string()));
+    let mut consumer = Running::spawn(cmd);
+    let address = consumer.listening_address();
     let (stop, sampler) = sample_after_progress(&files);
 
     // Full: commits fail; the consumer says so and keeps running.
@@ -108,6 +113,15 @@ fn a_full_disk_stalls_the_consumer_which_recovers_without_losing_or_double_count
         consumer.child.try_wait().unwrap().is_some()
     });
     assert!(!exited, "the consumer exited: {}", consumer.stderr_text());
+    // Not ready while its storage is stalled, and alive: it waits.
+    let mut stalled = String::new();
+    wait_until("/readyz to name the stall", Duration::from_secs(10), || {
+        let (status, _, body) = http(&address, "GET", "/readyz", None);
+        stalled = String::from_utf8_lossy(&body).into_owned();
+        status == 503 && stalled.contains("storage_stalled")
+    });
+    let (status, _, body) = http(&address, "GET", "/healthz", None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 
     // Space returns: everything is counted, once.
     std::fs::remove_file(&filler).unwrap();
@@ -115,6 +129,9 @@ fn a_full_disk_stalls_the_consumer_which_recovers_without_losing_or_double_count
     assert_never_went_back(&stop, sampler);
     let stderr = consumer.stderr_text();
     assert!(stderr.contains("storage works again"), "{stderr}");
+    wait_until("ready again", Duration::from_secs(10), || {
+        http(&address, "GET", "/readyz", None).0 == 200
+    });
     assert!(
         !stderr.contains("failed to flush") && !stderr.contains("hit error"),
         "sled's own lines repeat the fault: {stderr}"
@@ -332,7 +349,7 @@ fn an_undecodable_batch_stalls_its_partition_with_one_warning_naming_offset_and_
     let mut cmd = broker.consumer_cmd(&topic);
     cmd.args(["--metrics-addr", "127.0.0.1:0", "--files"])
         .arg(&files)
-        .args(["0", "1", "2", "3"]);
+        .args(ALL.map(|p| p.to_string()));
     let mut consumer = Running::spawn(cmd);
     let address = consumer.listening_address();
     wait_for_records(&files, &records, Duration::from_secs(60));

@@ -334,6 +334,17 @@ fn scaling_out_and_back_in_hands_every_partition_over_at_its_last_offset() {
     let mut more: Vec<Running> = (1..3)
         .map(|i| scene.member(&files, &format!("state-{i}")))
         .collect();
+    // A joining member is not ready before its assignment (tansu takes
+    // seconds to form the group), nor while its partitions restore.
+    for member in &more {
+        let (status, _, body) = http(&member.listening_address(), "GET", "/readyz", None);
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.contains("waiting for the group's assignment") || body.contains("\"starting\""),
+            "{body}"
+        );
+    }
     wait_until(
         "three members to share the partitions",
         Duration::from_secs(60),
@@ -345,6 +356,11 @@ fn scaling_out_and_back_in_hands_every_partition_over_at_its_last_offset() {
     );
     let before = published_offsets(&files);
     wait_for_publishing_past(&files, &before, Duration::from_secs(30));
+    wait_until("every member ready", Duration::from_secs(30), || {
+        more.iter()
+            .chain([&first])
+            .all(|m| http(&m.listening_address(), "GET", "/readyz", None).0 == 200)
+    });
 
     for member in &mut more {
         assert!(member.terminate().success(), "{}", member.stderr_text());
