@@ -131,6 +131,29 @@ fn every_binary_logs_one_json_object_a_line_with_the_partition_and_offset() {
     assert!(dashboard.terminate().success());
     parsed("dashboard", &dashboard.stderr_text());
 
+    // The demo's whole pipeline in one process, to the end of its days.
+    let demo_files = host.path().join("demo");
+    let out = bin("demo")
+        .args(json)
+        .arg("--files")
+        .arg(&demo_files)
+        .args(["--days", "120"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let demo = parsed("demo", &String::from_utf8_lossy(&out.stderr));
+    assert!(
+        demo.iter().any(
+            |line| line["message"].as_str().unwrap().contains("120 delivered")
+                || line["message"].as_str().unwrap().contains("delivered")
+        ),
+        "{demo:?}"
+    );
+
     // The last line of a failure is one object too.
     let out = bin("consumer")
         .arg("inspect-state")
