@@ -21,7 +21,8 @@ RUN scripts/build-release.sh && mkdir -p /empty
 # The runtime image, for deployments against your own Kafka:
 #   docker build --target runtime -t weatherstream .
 #   docker run -v ws-files:/files -p 8797:8797 weatherstream \
-#     consumer --group weatherstream-stats --metrics-addr 0.0.0.0:8797
+#     consumer --group weatherstream-stats
+# (metrics and the probes on port 8797: CONSUMER_METRICS_ADDR below)
 # The binaries only, on distroless's glibc base (glibc and libgcc: all the
 # binaries link; OpenSSL and librdkafka are inside them), as its non-root
 # user (65532), /files a volume that user owns. tests/runtime_image.rs runs
@@ -29,7 +30,8 @@ RUN scripts/build-release.sh && mkdir -p /empty
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=build /src/target/release/producer /src/target/release/consumer /src/target/release/debug /src/target/release/plot /src/target/release/demo /src/target/release/dashboard /usr/local/bin/
 COPY --from=build --chown=65532:65532 /empty /files
-ENV FILES_DIR=/files
+ENV FILES_DIR=/files \
+    CONSUMER_METRICS_ADDR=0.0.0.0:8797
 WORKDIR /files
 VOLUME /files
 USER 65532:65532

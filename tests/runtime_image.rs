@@ -56,7 +56,8 @@ fn the_runtime_stage_ships_every_binary_as_a_non_root_user_with_a_files_volume()
     }
     for line in [
         "COPY --from=build --chown=65532:65532 /empty /files",
-        "ENV FILES_DIR=/files",
+        "ENV FILES_DIR=/files \\",
+        "CONSUMER_METRICS_ADDR=0.0.0.0:8797",
         "VOLUME /files",
         "USER 65532:65532",
     ] {
