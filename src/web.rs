@@ -10,15 +10,16 @@
 //! load. Whatever clients do, a connection is bounded: its TLS handshake and
 //! each request head must arrive within [`HEAD_DEADLINE`], a connection that
 //! moves no byte for [`IDLE_TIMEOUT`] is closed, heads are at most
-//! [`MAX_HEAD_BYTES`], requests carry no body, and at most
-//! [`MAX_CONNECTIONS`] are served at once. At that limit a new connection
+//! [`MAX_HEAD_BYTES`], requests carry no body, the kernel queues up to
+//! [`LISTEN_BACKLOG`] connections while they wait to be accepted, and at
+//! most [`MAX_CONNECTIONS`] are served at once. At that limit a new connection
 //! takes the place of the one that has waited longest for a request head
 //! (a flood's held half-requests, an idle keep-alive connection): a flood
 //! from one host cannot keep a probe or a scrape out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,12 @@ pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most bytes of a request head (hyper's smallest buffer).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Connections the kernel completes and queues before this server accepts
+/// them (capped by the kernel's `net.core.somaxconn`, 4096 by default).
+/// std's 128 is too few: a flood from one fast client filled it while the
+/// server accepted, the kernel then dropped every new SYN, a probe's too,
+/// and a dropped SYN is retried only after 1 s.
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// Connections served at once; one more evicts the one waiting longest for
 /// a request head.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -274,24 +281,21 @@ impl WebServer {
         web: Option<Arc<WebConfig>>,
         pages: Pages,
     ) -> anyhow::Result<Self> {
-        // The caller says what the address was for.
-        let listener = std::net::TcpListener::bind(listen)?;
-        listener.set_nonblocking(true)?;
-        let address = listener.local_addr()?;
         let tls = web.as_ref().is_some_and(|web| web.tls());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
             .context("starting the HTTP runtime")?;
+        // The caller says what the address was for.
+        let listener = {
+            let _in_runtime = runtime.enter();
+            bind(listen)?
+        };
+        let address = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let thread = crate::shutdown::spawn(name, move || {
-            runtime.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => accept_loop(listener, web, pages, stopped).await,
-                    Err(error) => log::error!("HTTP server: {error}"),
-                }
-            });
+            runtime.block_on(accept_loop(listener, web, pages, stopped));
         })
         .with_context(|| format!("starting thread {name}"))?;
         Ok(WebServer {
@@ -321,6 +325,28 @@ impl Drop for WebServer {
             let _ = thread.join();
         }
     }
+}
+
+/// Binds `listen` (the first of its addresses that binds) with a listen
+/// backlog of [`LISTEN_BACKLOG`].
+fn bind(listen: &str) -> io::Result<tokio::net::TcpListener> {
+    let mut last_error = None;
+    for address in listen.to_socket_addrs()? {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's bind does: a restart binds while old connections linger.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(address) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "the address names no host")
+    }))
 }
 
 async fn accept_loop(
@@ -372,6 +398,10 @@ async fn accept_loop(
             connection(stream, web, pages, task_clock).await;
         });
         live.insert(abort.id(), (abort, clock));
+        // Each accepted connection is polled once (a request that came
+        // with the connection is answered) before the next is accepted:
+        // with a full backlog, accepting on and on would evict it unread.
+        tokio::task::yield_now().await;
     }
 }
 

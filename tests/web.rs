@@ -219,8 +219,10 @@ fn threads_and_rss(pid: u32) -> (usize, u64) {
 /// probes: every probe (liveness, then a scrape) is answered within 1 s,
 /// during the flood and while its connections hold, because at capacity
 /// the server closes the connection that has waited longest for a request
-/// head, not the newcomer. The most threads and RSS (KiB) seen meanwhile.
-fn flood(address: &str, pid: u32) -> (usize, u64) {
+/// head, not the newcomer. `pace`: all at once (None), or 100 connections
+/// every this long, so that probes also meet connections still arriving.
+/// The most threads and RSS (KiB) seen meanwhile.
+fn flood(address: &str, pid: u32, pace: Option<Duration>) -> (usize, u64) {
     let wanted = 5000usize;
     let flood = wanted.min(raise_open_files().saturating_sub(500) as usize);
     assert!(
@@ -234,7 +236,10 @@ fn flood(address: &str, pid: u32) -> (usize, u64) {
             let started = Instant::now();
             let mut held = Vec::with_capacity(flood);
             let mut refused = 0;
-            for _ in 0..flood {
+            for i in 0..flood {
+                if let Some(pace) = pace.filter(|_| i % 100 == 99) {
+                    std::thread::sleep(pace);
+                }
                 match TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(5))
                 {
                     Ok(mut stream) => {
@@ -345,8 +350,8 @@ fn the_metrics_endpoint_stands_slowloris_and_a_flood_of_held_requests() {
     assert_slowloris_cannot_hold(&address, "/metrics");
 
     let (threads_before, rss_before) = threads_and_rss(pid);
-    let first = flood(&address, pid);
-    let second = flood(&address, pid);
+    let first = flood(&address, pid, None);
+    let second = flood(&address, pid, Some(Duration::from_millis(60)));
     let (threads_after, rss_after) = threads_and_rss(pid);
     eprintln!(
         "threads {threads_before} before, at most {} and {} during two floods, {threads_after} after; \
