@@ -61,6 +61,19 @@ fn readiness_follows_the_start_an_outage_and_the_stop() {
         assert_eq!(ready["partitions"][p]["state"], "running", "{ready}");
     }
     wait_for_records(files.path(), &records, Duration::from_secs(60));
+    // Liveness names what it watches: every thread that does the work.
+    let (status, alive) = probe(&address, "/healthz");
+    assert_eq!(status, 200, "{alive}");
+    let mut watched = vec!["supervisor", "exporter", "snapshots"];
+    let per_partition: Vec<String> = ["0", "1", "2", "3"]
+        .iter()
+        .flat_map(|p| [format!("partition-{p}"), format!("recheck-{p}")])
+        .collect();
+    watched.extend(per_partition.iter().map(String::as_str));
+    for thread in watched {
+        let state = alive["threads"][thread].as_str().unwrap_or("absent");
+        assert!(["busy", "waiting"].contains(&state), "{thread}: {alive}");
+    }
 
     // A broker outage: not ready, and still alive all along.
     broker.kill_keeping_data();

@@ -232,7 +232,9 @@ impl ConsumerContext for Member {
                 self.revoked(&partitions_of(list, &self.config.topic), lost);
             }
             Rebalance::Assign(_) => {}
-            Rebalance::Error(error) => log::warn!("group {}: rebalance: {error}", group_of(self)),
+            Rebalance::Error(error) => {
+                log::warn!("group {}: rebalance: {error}", self.config.group_id)
+            }
         }
     }
 
@@ -247,10 +249,6 @@ impl ConsumerContext for Member {
             self.assigned(&partitions_of(list, &self.config.topic));
         }
     }
-}
-
-fn group_of(member: &Member) -> &str {
-    &member.config.group_id
 }
 
 fn partitions_of(list: &TopicPartitionList, topic: &str) -> Vec<PartitionId> {

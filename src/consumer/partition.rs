@@ -107,9 +107,13 @@ impl Pipeline {
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let snapshots = match &config.snapshots {
-            Some(settings) => {
-                SnapshotWriter::start(&config.client, &config.topic, settings, metrics.clone())?
-            }
+            Some(settings) => SnapshotWriter::start(
+                &config.client,
+                &config.topic,
+                settings,
+                metrics.clone(),
+                Some(health.beat("snapshots")),
+            )?,
             None => None,
         };
         let folders = Folders::new(&config.files_dir, &config.state_dir);
@@ -529,12 +533,20 @@ fn adopt_newer_file(
         return Ok(());
     };
     let (file_offset, state_offset) = (published.offset, snapshot.next_offset);
+    // Not the last word when snapshots are on: the restore that follows
+    // takes a newer verified snapshot, which a new group member's state,
+    // behind the shared file, usually finds.
+    let keeping = if config.snapshots.is_some() {
+        "keeping the state, unless the snapshot topic holds a newer verified snapshot"
+    } else {
+        "keeping the state"
+    };
     let proof = folders::find_proof(&config.state_dir, partition, file_offset);
     if let Some(proof) = proof.filter(|p| p.epoch < snapshot.epoch) {
         log::warn!(
             "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
              but it was published before the state was reset for a re-created topic \
-             (epoch {} < {}): keeping the state",
+             (epoch {} < {}): {keeping}",
             path.display(),
             proof.epoch,
             snapshot.epoch
@@ -545,7 +557,7 @@ fn adopt_newer_file(
     let Some(expected) = proven_record.or(snapshot.last_record) else {
         log::warn!(
             "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
-             and neither its proof nor the state names a record to show the topic is the same; keeping the state",
+             and neither its proof nor the state names a record to show the topic is the same; {keeping}",
             path.display()
         );
         return Ok(());
@@ -565,12 +577,12 @@ fn adopt_newer_file(
     ];
     for question in &questions {
         loop {
-            match recheck::check_records(&probe, question, shutdown)? {
+            match recheck::check_records(&probe, question)? {
                 CheckOutcome::Current { .. } => break,
                 CheckOutcome::Gone { offset } => {
                     log::warn!(
                         "partition {partition}: {} (offset {file_offset}) is ahead of the state (offset {state_offset}), \
-                         but the record at offset {offset} is gone or different: keeping the state",
+                         but the record at offset {offset} is gone or different: {keeping}",
                         path.display()
                     );
                     return Ok(());
@@ -777,6 +789,11 @@ mod tests {
         });
         wait_for("ready", || health.facts().readiness().status == "ok");
         assert_eq!(health.facts().partitions.len(), 3);
+        // Liveness watches every thread that does the work.
+        let watched = health.facts().threads;
+        for thread in ["exporter", "partition-1", "recheck-1", "snapshots"] {
+            assert!(watched.contains_key(thread), "{thread}: {watched:?}");
+        }
 
         // Stop partition 1: committed, published, and its state released
         // (it opens again, here, while the process runs).
@@ -793,7 +810,9 @@ mod tests {
             !health.facts().partitions.contains_key(&1),
             "a stopped partition is not owned"
         );
-        assert!(!health.facts().busy.contains_key("partition-1"));
+        let watched = health.facts().threads;
+        assert!(!watched.contains_key("partition-1"), "{watched:?}");
+        assert!(!watched.contains_key("recheck-1"), "{watched:?}");
         let reopened = Claimed::open(&config.state_dir, 1).unwrap();
         assert_eq!(reopened.state.snapshot().next_offset, 50);
         drop(reopened);

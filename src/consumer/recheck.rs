@@ -19,6 +19,7 @@ use super::clients::{needs_verification, Client, ClientObserver, CLIENT_STATS_IN
 use super::machine::{CheckOutcome, CheckRequest, READ_BACK_STEPS};
 use super::ConsumerConfig;
 use crate::kafka::{assign, manual_assign_config, Offset, PartitionId};
+use crate::publish::health::Beat;
 use crate::shutdown::Shutdown;
 use crate::store::snapshot::Fingerprint;
 
@@ -53,6 +54,9 @@ pub(super) struct RecordProbe {
     partition: PartitionId,
     /// Probes end early on shutdown, so the worker can join its rechecker.
     shutdown: Shutdown,
+    /// The heartbeat of the thread that probes (`/healthz`), when it has
+    /// one: each read is a step of its own, bounded by [`PROBE_TIMEOUT`].
+    beat: Option<Beat>,
 }
 
 impl RecordProbe {
@@ -83,10 +87,33 @@ impl RecordProbe {
             topic: topic.into(),
             partition,
             shutdown: shutdown.clone(),
+            beat: None,
         })
     }
 
+    fn with_beat(mut self, beat: Beat) -> Self {
+        self.beat = Some(beat);
+        self
+    }
+
+    /// A bounded step begins (a metadata request, a forward read).
+    fn step(&self) {
+        if let Some(beat) = &self.beat {
+            beat.busy();
+        }
+    }
+
+    /// Waits on the stop for `duration`, announced as a wait; true when the
+    /// stop came.
+    fn wait(&self, duration: Duration) -> bool {
+        match &self.beat {
+            Some(beat) => beat.wait(&self.shutdown, duration),
+            None => self.shutdown.wait(duration),
+        }
+    }
+
     fn partition_listed(&self) -> anyhow::Result<Option<bool>> {
+        self.step();
         // List all topics: naming the topic can make a broker auto-create it.
         let metadata = match self.consumer.fetch_metadata(None, METADATA_TIMEOUT) {
             Ok(m) => m,
@@ -150,6 +177,7 @@ impl RecordProbe {
     /// Reads forward from `from` until the record at `offset`, a record past
     /// it, or the end of the log.
     fn read_from(&self, from: Offset, offset: Offset) -> anyhow::Result<ForwardRead> {
+        self.step();
         assign(&self.consumer, &self.topic, self.partition, from).context("assigning the probe")?;
         let started = Instant::now();
         let mut last_progress = Instant::now();
@@ -228,11 +256,10 @@ enum ForwardRead {
 }
 
 /// Probes the topic for a request's records; waits while the topic is
-/// absent (deleted, not yet re-created).
+/// absent (deleted, not yet re-created), until the probe's stop.
 pub(super) fn check_records(
     probe: &RecordProbe,
     request: &CheckRequest,
-    shutdown: &Shutdown,
 ) -> anyhow::Result<CheckOutcome> {
     let mut told_absent = false;
     let mut probe_until_settled = |offset: Offset| -> anyhow::Result<Option<AtOffset>> {
@@ -247,7 +274,7 @@ pub(super) fn check_records(
                         );
                         told_absent = true;
                     }
-                    if shutdown.wait(ABSENT_TOPIC_RECHECK) {
+                    if probe.wait(ABSENT_TOPIC_RECHECK) {
                         return Ok(None);
                     }
                 }
@@ -290,22 +317,29 @@ pub(super) struct Rechecker {
 }
 
 impl Rechecker {
+    /// `beat` is the thread's heartbeat (`/healthz`): busy while it
+    /// probes, waiting between requests and while the topic is absent.
     pub(super) fn spawn(
         config: &ConsumerConfig,
         partition: PartitionId,
         context: ClientObserver,
         shutdown: &Shutdown,
+        beat: Beat,
     ) -> anyhow::Result<Self> {
         let probe = RecordProbe::new(config, partition, context, shutdown)?;
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
-        let shutdown = shutdown.clone();
         let thread = crate::shutdown::spawn(format!("recheck-{partition}"), move || {
-            for request in inbox {
-                if outbox
-                    .send(check_records(&probe, &request, &shutdown))
-                    .is_err()
-                {
+            beat.waiting();
+            let probe = probe.with_beat(beat);
+            while let Ok(request) = inbox.recv() {
+                probe.step();
+                let outcome = check_records(&probe, &request);
+                // The worker takes the answer when it looks: a wait.
+                if let Some(beat) = &probe.beat {
+                    beat.waiting();
+                }
+                if outbox.send(outcome).is_err() {
                     break;
                 }
             }

@@ -215,7 +215,7 @@ fn belongs_to_topic(
     }
     for question in &questions {
         loop {
-            match recheck::check_records(probe, question, shutdown)? {
+            match recheck::check_records(probe, question)? {
                 CheckOutcome::Current { .. } => break,
                 CheckOutcome::Gone { .. } => return Ok(Some(false)),
                 CheckOutcome::Undecided => {

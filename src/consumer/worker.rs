@@ -207,6 +207,7 @@ impl PartitionWorker {
             self.partition(),
             self.observed(format!("verify-{}", self.partition())),
             &self.shutdown,
+            self.health.recheck_beat(),
         )?;
         let mut last_lag = Instant::now();
         while !self.shutdown.requested() {

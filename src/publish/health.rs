@@ -128,6 +128,11 @@ impl PartitionHealth {
     pub(crate) fn beat(&self) -> Beat {
         self.health.beat(format!("partition-{}", self.partition))
     }
+
+    /// The heartbeat of the partition's re-creation check, `recheck-N`.
+    pub(crate) fn recheck_beat(&self) -> Beat {
+        self.health.beat(format!("recheck-{}", self.partition))
+    }
 }
 
 impl Drop for PartitionHealth {
@@ -232,15 +237,15 @@ impl Health {
     pub(crate) fn facts(&self) -> Facts {
         let now = Instant::now();
         let registry = self.lock();
-        let busy = registry
+        let threads: BTreeMap<String, Option<Duration>> = registry
             .threads
             .iter()
-            .filter_map(|(name, since)| {
+            .map(|(name, since)| {
                 let since = since.load(Ordering::Relaxed);
-                (since != WAITING).then(|| {
-                    let busy_ms = millis_since(self.origin, now).saturating_sub(since);
-                    (name.clone(), Duration::from_millis(busy_ms))
-                })
+                let busy = (since != WAITING).then(|| {
+                    Duration::from_millis(millis_since(self.origin, now).saturating_sub(since))
+                });
+                (name.clone(), busy)
             })
             .collect();
         let mut partitions: BTreeMap<PartitionId, PartitionFact> = registry
@@ -264,7 +269,7 @@ impl Health {
         }
         Facts {
             wedged_after: self.wedged_after,
-            busy,
+            threads,
             partitions,
             stopping: self.stop.requested(),
             broker_down: self.broker_down.load(Ordering::Relaxed),
@@ -295,8 +300,9 @@ pub(crate) struct PartitionFact {
 #[derive(Debug, Clone)]
 pub(crate) struct Facts {
     pub(crate) wedged_after: Duration,
-    /// Each busy thread and for how long it has been on its step.
-    pub(crate) busy: BTreeMap<String, Duration>,
+    /// Each watched thread, and for how long it has been on its step
+    /// when it is busy (None: it waits).
+    pub(crate) threads: BTreeMap<String, Option<Duration>>,
     pub(crate) partitions: BTreeMap<PartitionId, PartitionFact>,
     pub(crate) stopping: bool,
     pub(crate) broker_down: bool,
@@ -312,6 +318,10 @@ pub(crate) struct Answer {
     pub(crate) reasons: Vec<String>,
     /// Each owned partition's state, and why it is not running.
     pub(crate) partitions: BTreeMap<String, PartitionAnswer>,
+    /// Liveness only: each watched thread, `busy` or `waiting`, so that
+    /// an operator sees what the answer covers.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) threads: BTreeMap<String, &'static str>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -370,9 +380,10 @@ impl Facts {
     /// than the wedge limit.
     pub(crate) fn liveness(&self) -> Answer {
         let reasons: Vec<String> = self
-            .busy
+            .threads
             .iter()
-            .filter(|(_, busy)| **busy > self.wedged_after)
+            .filter_map(|(thread, busy)| busy.map(|busy| (thread, busy)))
+            .filter(|(_, busy)| *busy > self.wedged_after)
             .map(|(thread, busy)| {
                 format!(
                     "thread {thread} has been busy with one step for {:.0} s (limit {:.0} s)",
@@ -381,10 +392,19 @@ impl Facts {
                 )
             })
             .collect();
+        let threads = self
+            .threads
+            .iter()
+            .map(|(thread, busy)| {
+                let state = if busy.is_some() { "busy" } else { "waiting" };
+                (thread.clone(), state)
+            })
+            .collect();
         Answer {
             status: if reasons.is_empty() { "ok" } else { "wedged" },
             reasons,
             partitions: self.partition_answers(),
+            threads,
         }
     }
 
@@ -414,6 +434,7 @@ impl Facts {
             },
             reasons,
             partitions,
+            threads: BTreeMap::new(),
         }
     }
 }
@@ -425,7 +446,7 @@ mod tests {
     fn facts() -> Facts {
         Facts {
             wedged_after: Duration::from_secs(60),
-            busy: BTreeMap::new(),
+            threads: BTreeMap::new(),
             partitions: BTreeMap::from([(
                 0,
                 PartitionFact {
@@ -500,14 +521,24 @@ mod tests {
     #[test]
     fn only_a_step_longer_than_the_limit_is_wedged() {
         let mut f = facts();
-        f.busy.insert("partition-0".into(), Duration::from_secs(60));
-        f.busy.insert("exporter".into(), Duration::from_secs(1));
+        f.threads
+            .insert("partition-0".into(), Some(Duration::from_secs(60)));
+        f.threads
+            .insert("exporter".into(), Some(Duration::from_secs(1)));
+        f.threads.insert("snapshots".into(), None);
         assert_eq!(f.liveness().status, "ok", "at the limit");
-        f.busy.insert("partition-0".into(), Duration::from_secs(61));
+        f.threads
+            .insert("partition-0".into(), Some(Duration::from_secs(61)));
         let answer = f.liveness();
         assert_eq!(answer.status, "wedged");
         assert_eq!(answer.reasons.len(), 1);
         assert!(answer.reasons[0].contains("partition-0"), "{answer:?}");
+        assert_eq!(answer.threads["partition-0"], "busy");
+        assert_eq!(answer.threads["snapshots"], "waiting");
+        assert!(
+            f.readiness().threads.is_empty(),
+            "liveness alone lists them"
+        );
         assert_eq!(answer.page().status, StatusCode::SERVICE_UNAVAILABLE);
         // Readiness does not repeat it: a wedged process is restarted.
         assert_eq!(f.readiness().status, "ok");
@@ -538,14 +569,22 @@ mod tests {
         drop(again);
 
         let beat = health.beat("partition-1");
-        assert!(health.facts().busy.contains_key("partition-1"));
+        assert!(health.facts().threads["partition-1"].is_some());
         beat.waiting();
-        assert!(health.facts().busy.is_empty(), "a wait is not busy");
+        assert_eq!(
+            health.facts().threads["partition-1"],
+            None,
+            "a wait is not busy"
+        );
         beat.busy();
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(health.facts().liveness().status, "wedged");
         drop(beat);
         assert_eq!(health.facts().liveness().status, "ok");
+        assert!(
+            health.facts().threads.is_empty(),
+            "a dropped beat is not watched"
+        );
 
         let group = Health::new(Ownership::Group, DEFAULT_WEDGED_AFTER, &stop);
         assert!(group.facts().waiting_for_assignment);

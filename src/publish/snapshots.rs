@@ -21,6 +21,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 
 use crate::kafka::{client_config, AdminError, ClientSettings, Offset, PartitionId, TopicAdmin};
 use crate::log_limit::{suppressed_note, LogLimiter};
+use crate::publish::health::Beat;
 use crate::publish::metrics::{Metrics, SnapshotMetrics};
 use crate::store::changelog;
 use crate::store::snapshot::Snapshot;
@@ -121,11 +122,14 @@ impl SnapshotWriter {
     /// source's partitions and replicas, when missing) and starts the
     /// writer. None, after one warning naming what is missing, when the
     /// topic cannot be created: the consumer goes on without snapshots.
+    /// `beat`, when given, tells `/healthz` whether the thread is busy or
+    /// waits for work.
     pub(crate) fn start(
         client: &ClientSettings,
         source_topic: &str,
         settings: &SnapshotSettings,
         metrics: Arc<Metrics>,
+        beat: Option<Beat>,
     ) -> anyhow::Result<Option<Self>> {
         if let Err(reason) = ensure_topic(client, source_topic, &settings.topic) {
             log::warn!(
@@ -151,6 +155,7 @@ impl SnapshotWriter {
             failures: LogLimiter::new(FAILURE_LOG_INTERVAL),
             refused: false,
             waiters: Vec::new(),
+            beat,
         };
         let thread = crate::shutdown::spawn("snapshots", move || writer.run(receiver))?;
         Ok(Some(SnapshotWriter {
@@ -367,6 +372,8 @@ struct WriteLoop {
     /// Who waits for a partition's snapshot of at least this order to be
     /// acknowledged.
     waiters: Vec<(PartitionId, (u64, Offset), Sender<()>)>,
+    /// The thread's heartbeat (`/healthz`).
+    beat: Option<Beat>,
 }
 
 fn order(snapshot: &Snapshot) -> (u64, Offset) {
@@ -376,10 +383,18 @@ fn order(snapshot: &Snapshot) -> (u64, Offset) {
 impl WriteLoop {
     fn run(mut self, receiver: Receiver<Offer>) {
         loop {
+            // Every step between two waits is a few calls that do not block:
+            // librdkafka queues the writes and reports deliveries on a poll.
+            if let Some(beat) = &self.beat {
+                beat.waiting();
+            }
             let message = match self.next_wakeup(Instant::now()) {
                 None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 Some(wait) => receiver.recv_timeout(wait),
             };
+            if let Some(beat) = &self.beat {
+                beat.busy();
+            }
             match message {
                 Ok(offer) => self.take(offer),
                 Err(RecvTimeoutError::Timeout) => {}
