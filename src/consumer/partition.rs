@@ -112,7 +112,7 @@ impl Pipeline {
                 &config.topic,
                 settings,
                 metrics.clone(),
-                Some(health.beat("snapshots")),
+                health.beat("snapshots"),
             )?,
             None => None,
         };

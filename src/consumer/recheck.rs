@@ -103,6 +103,13 @@ impl RecordProbe {
         }
     }
 
+    /// The probe's thread waits for work, for as long as it takes.
+    fn idle(&self) {
+        if let Some(beat) = &self.beat {
+            beat.waiting();
+        }
+    }
+
     /// Waits on the stop for `duration`, announced as a wait; true when the
     /// stop came.
     fn wait(&self, duration: Duration) -> bool {
@@ -330,15 +337,14 @@ impl Rechecker {
         let (requests, inbox) = crossbeam_channel::bounded::<CheckRequest>(1);
         let (outbox, answers) = crossbeam_channel::bounded(1);
         let thread = crate::shutdown::spawn(format!("recheck-{partition}"), move || {
-            beat.waiting();
             let probe = probe.with_beat(beat);
+            probe.idle();
             while let Ok(request) = inbox.recv() {
                 probe.step();
                 let outcome = check_records(&probe, &request);
-                // The worker takes the answer when it looks: a wait.
-                if let Some(beat) = &probe.beat {
-                    beat.waiting();
-                }
+                // Handing the answer over (the worker takes it when it
+                // looks) and the next request are waits.
+                probe.idle();
                 if outbox.send(outcome).is_err() {
                     break;
                 }

@@ -122,14 +122,14 @@ impl SnapshotWriter {
     /// source's partitions and replicas, when missing) and starts the
     /// writer. None, after one warning naming what is missing, when the
     /// topic cannot be created: the consumer goes on without snapshots.
-    /// `beat`, when given, tells `/healthz` whether the thread is busy or
-    /// waits for work.
+    /// `beat` tells `/healthz` whether the thread is busy or waits for
+    /// work.
     pub(crate) fn start(
         client: &ClientSettings,
         source_topic: &str,
         settings: &SnapshotSettings,
         metrics: Arc<Metrics>,
-        beat: Option<Beat>,
+        beat: Beat,
     ) -> anyhow::Result<Option<Self>> {
         if let Err(reason) = ensure_topic(client, source_topic, &settings.topic) {
             log::warn!(
@@ -373,7 +373,7 @@ struct WriteLoop {
     /// acknowledged.
     waiters: Vec<(PartitionId, (u64, Offset), Sender<()>)>,
     /// The thread's heartbeat (`/healthz`).
-    beat: Option<Beat>,
+    beat: Beat,
 }
 
 fn order(snapshot: &Snapshot) -> (u64, Offset) {
@@ -385,16 +385,12 @@ impl WriteLoop {
         loop {
             // Every step between two waits is a few calls that do not block:
             // librdkafka queues the writes and reports deliveries on a poll.
-            if let Some(beat) = &self.beat {
-                beat.waiting();
-            }
+            self.beat.waiting();
             let message = match self.next_wakeup(Instant::now()) {
                 None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 Some(wait) => receiver.recv_timeout(wait),
             };
-            if let Some(beat) = &self.beat {
-                beat.busy();
-            }
+            self.beat.busy();
             match message {
                 Ok(offer) => self.take(offer),
                 Err(RecvTimeoutError::Timeout) => {}
